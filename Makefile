@@ -1,0 +1,45 @@
+# Two commands for a newcomer: `make demo` (the main example) and `make test` (the test suite).
+# Both create a local virtualenv in .venv on first use. torch is installed FIRST and pinned, so that the
+# package's `torch>=2.4,<3` requirement is already met and pip never pulls a (multi-GB) CUDA build.
+# Elsewhere, pick another torch build with e.g. `make test TORCH="torch==2.13.0" TORCH_PIP_ARGS="--index-url ..."`.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint typecheck docs unit bench-quick clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install $(TORCH_PIP_ARGS) "$(TORCH)"
+	$(PIP) install -e ".[examples,dev,docs]"
+	@$(BIN)/python -c "import torch; print('torch', torch.__version__, '| CUDA build:', torch.version.cuda)"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/grokking.py
+
+test: $(STAMP) lint typecheck docs unit
+
+lint: $(STAMP)
+	$(BIN)/ruff check lightning_optx tests examples benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy lightning_optx
+
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet -d $(VENV)/site
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/grokfast.py --quick
+
+clean:
+	rm -rf $(VENV) site runs

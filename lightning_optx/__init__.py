@@ -1,0 +1,15 @@
+"""lightning-optx: Lightning callbacks and strategies for recent optimization research.
+
+Add a callback to your ``Trainer`` and leave your ``LightningModule`` unmodified::
+
+    import lightning as L
+    from lightning_optx import Grokfast
+
+    trainer = L.Trainer(callbacks=[Grokfast(filter="ema", alpha=0.98, lamb=2.0)])
+"""
+
+from lightning_optx.callbacks import Grokfast
+
+__version__ = "0.1.0"
+
+__all__ = ["Grokfast", "__version__"]

@@ -1,0 +1,191 @@
+"""Run a Lightning ``Trainer`` on 1 or 2 CPU processes (gloo) from inside pytest and collect each rank's state.
+
+A :class:`TrainJob` describes one ``fit``: a factory for the module, the callbacks, Trainer arguments and an
+optional checkpoint to resume from / write to. :func:`run_job` executes it on ``world_size`` processes and
+returns one :class:`RankResult` per rank. Two processes are started with the ``spawn`` context and given
+the environment that ``torchrun`` would give them (``LOCAL_RANK`` set makes Lightning treat them as
+launched externally), so each builds its own Trainer exactly as a user's script would. Every multi-process
+run has a timeout: a hang fails the test instead of blocking CI.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import tempfile
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.multiprocessing as mp
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
+
+DEFAULT_TIMEOUT_S = 180.0
+
+
+class InMemoryLogger(Logger):
+    """Keeps every ``log_metrics`` call (on every rank) as ``(step, {name: value})``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.history: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.history.append((step, {k: float(v) for k, v in metrics.items()}))
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def series(self, key: str) -> list[float]:
+        return [m[key] for _, m in self.history if key in m]
+
+
+@dataclass
+class TrainJob:
+    """One ``Trainer.fit`` call, picklable so it can be sent to spawned processes.
+
+    ``module`` is a zero-argument factory (a class, or ``functools.partial`` of one); ``callbacks`` are
+    fresh instances (each process and each run gets its own deep copy).
+    """
+
+    module: Callable[[], pl.LightningModule]
+    callbacks: Sequence[Callback] = ()
+    trainer_kwargs: dict[str, Any] = field(default_factory=dict)
+    strategy: Any = None  # None: "ddp" on 2 processes, "auto" on 1
+    seed: int = 7
+    ckpt_path: str | None = None
+    save_checkpoint_to: str | None = None
+    inspect: Callable[[pl.Trainer, pl.LightningModule], Any] | None = None
+
+
+@dataclass
+class RankResult:
+    rank: int
+    global_step: int
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    optimizer_states: list[dict[str, Any]]
+    callback_states: dict[str, Any]
+    metrics: list[tuple[int | None, dict[str, float]]]
+    callback_metrics: dict[str, float]
+    inspected: Any = None
+
+    def series(self, key: str) -> list[float]:
+        return [m[key] for _, m in self.metrics if key in m]
+
+
+def run_job(job: TrainJob, world_size: int = 1, timeout: float = DEFAULT_TIMEOUT_S) -> list[RankResult]:
+    """Execute ``job`` on ``world_size`` CPU processes and return the results ordered by rank."""
+    if world_size == 1:
+        return [_fit(copy.deepcopy(job), world_size=1)]
+    return _run_spawned(job, world_size, timeout)
+
+
+def _fit(job: TrainJob, world_size: int) -> RankResult:
+    pl.seed_everything(job.seed, workers=True, verbose=False)
+    module = job.module()
+    logger = InMemoryLogger()
+    kwargs: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": world_size,
+        "strategy": job.strategy or ("ddp" if world_size > 1 else "auto"),
+        "logger": logger,
+        "log_every_n_steps": 1,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "num_sanity_val_steps": 0,
+        "deterministic": True,
+    }
+    kwargs.update(job.trainer_kwargs)
+    trainer = pl.Trainer(callbacks=list(job.callbacks), **kwargs)
+    trainer.fit(module, ckpt_path=job.ckpt_path)
+    if job.save_checkpoint_to:
+        trainer.save_checkpoint(job.save_checkpoint_to)
+    return RankResult(
+        rank=trainer.global_rank,
+        global_step=trainer.global_step,
+        params={n: p.detach().clone() for n, p in module.named_parameters()},
+        buffers={n: b.detach().clone() for n, b in module.named_buffers()},
+        optimizer_states=[copy.deepcopy(o.state_dict()) for o in trainer.optimizers],
+        callback_states={
+            cb.state_key: copy.deepcopy(cb.state_dict()) for cb in trainer.callbacks if cb.state_dict()
+        },
+        metrics=logger.history,
+        callback_metrics={k: float(v) for k, v in trainer.callback_metrics.items()},
+        inspected=job.inspect(trainer, module) if job.inspect else None,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _worker(rank: int, world_size: int, port: int, job: TrainJob, out_path: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world_size),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+    )
+    torch.set_num_threads(1)
+    try:
+        result: Any = _fit(job, world_size)
+    except BaseException:
+        result = {"error": traceback.format_exc()}
+    torch.save(result, out_path)
+
+
+def _run_spawned(job: TrainJob, world_size: int, timeout: float) -> list[RankResult]:
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [os.path.join(tmp, f"rank{r}.pt") for r in range(world_size)]
+        procs = [
+            ctx.Process(target=_worker, args=(r, world_size, port, job, paths[r]), daemon=False)
+            for r in range(world_size)
+        ]
+        for p in procs:
+            p.start()
+        deadline = _now() + timeout
+        for p in procs:
+            p.join(max(0.0, deadline - _now()))
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        results = [torch.load(path, weights_only=False) if os.path.exists(path) else None for path in paths]
+    errors = [f"rank {r}:\n{res['error']}" for r, res in enumerate(results) if isinstance(res, dict)]
+    if errors:
+        raise RuntimeError("distributed run failed\n" + "\n".join(errors))
+    if hung:
+        raise TimeoutError(f"distributed run did not finish within {timeout:.0f}s; ranks still alive: {hung}")
+    missing = [r for r, res in enumerate(results) if res is None]
+    if missing:
+        codes = [p.exitcode for p in procs]
+        raise RuntimeError(f"ranks {missing} produced no result (exit codes {codes})")
+    return sorted(results, key=lambda r: r.rank)  # type: ignore[union-attr,return-value]
+
+
+def _now() -> float:
+    import time
+
+    return time.monotonic()
