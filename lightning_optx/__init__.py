@@ -9,7 +9,8 @@ Add a callback to your ``Trainer`` and leave your ``LightningModule`` unmodified
 """
 
 from lightning_optx.callbacks import Grokfast
+from lightning_optx.strategies import CompressedDDPStrategy, LocalSGDStrategy
 
 __version__ = "0.1.0"
 
-__all__ = ["Grokfast", "__version__"]
+__all__ = ["CompressedDDPStrategy", "Grokfast", "LocalSGDStrategy", "__version__"]

@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_optx.functional import grokfast as F
+from lightning_optx.functional.common import all_finite, global_norm
 
 FilterName = Literal["ema", "ma"]
 _FILTERS = ("ema", "ma")
@@ -98,7 +98,7 @@ class Grokfast(Callback):
         names, grads = self._named_grads(optimizer)
         if not grads:
             return
-        if self.skip_nonfinite and not _all_finite(grads):
+        if self.skip_nonfinite and not all_finite(grads):
             self.skipped_nonfinite_steps += 1
             return
         norm = self._apply_ema(names, grads) if self.filter == "ema" else self._apply_ma(names, grads)
@@ -118,7 +118,7 @@ class Grokfast(Callback):
                 self._ema[name] = state.to(grad.device)
         ema = [self._ema[n] for n in names]
         F.ema_filter_(grads, ema, self.alpha, self.lamb)
-        return _global_norm(torch._foreach_norm(ema))
+        return global_norm(ema)
 
     def _apply_ma(self, names: list[str], grads: list[Tensor]) -> Tensor | None:
         """Run the MA filter on groups of parameters that share a ring cursor (normally all of them).
@@ -148,8 +148,8 @@ class Grokfast(Callback):
             for n in group_names:
                 self._ring_cursor[n] = (state.count, state.position)
             if amplified:
-                slow_norms.extend(n / state.count for n in torch._foreach_norm(state.total))
-        return _global_norm(slow_norms) if slow_norms else None
+                slow_norms.append(global_norm(state.total) / state.count)
+        return global_norm(slow_norms) if slow_norms else None
 
     def _named_grads(self, optimizer: Optimizer) -> tuple[list[str], list[Tensor]]:
         names: list[str] = []
@@ -206,12 +206,3 @@ class Grokfast(Callback):
         self._ring = dict(state_dict["ring"])
         self._total = dict(state_dict["total"])
         self._ring_cursor = {k: (int(c), int(p)) for k, (c, p) in state_dict["ring_cursor"].items()}
-
-
-def _global_norm(norms: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
-    return torch.linalg.vector_norm(torch.stack(list(norms)))
-
-
-def _all_finite(tensors: list[Tensor]) -> bool:
-    """One fused pass and one host sync: is every element of every tensor finite?"""
-    return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())

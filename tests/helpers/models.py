@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-ModelName = Literal["mlp", "transformer"]
+ModelName = Literal["mlp", "wide_mlp", "transformer"]
 
 
 class TinyMLP(nn.Module):
@@ -80,6 +80,8 @@ class TinyTransformer(nn.Module):
 def make_model(name: ModelName) -> nn.Module:
     if name == "mlp":
         return TinyMLP()
+    if name == "wide_mlp":  # a 128 x 128 matrix: big enough for every compressor to pay
+        return TinyMLP(hidden=128)
     if name == "transformer":
         return TinyTransformer()
     raise ValueError(f"unknown tiny model {name!r}")
@@ -88,7 +90,7 @@ def make_model(name: ModelName) -> nn.Module:
 def random_dataset(model: ModelName = "mlp", n: int = 64, seed: int = 1234) -> TensorDataset:
     """A fixed regression data set (independent of the global seed)."""
     g = torch.Generator().manual_seed(seed)
-    shape = (n, 8) if model == "mlp" else (n, 5, 8)
+    shape = (n, 5, 8) if model == "transformer" else (n, 8)
     x = torch.randn(shape, generator=g)
     y = torch.randn(n, 4, generator=g)
     return TensorDataset(x, y)
@@ -98,7 +100,7 @@ class TinyModule(pl.LightningModule):
     """A LightningModule around a tiny model, with knobs for the interaction cases the tests need.
 
     Args:
-        model: ``"mlp"`` or ``"transformer"``.
+        model: ``"mlp"``, ``"wide_mlp"`` or ``"transformer"``.
         optimizer: ``"sgd"`` (momentum 0.9), ``"adamw"`` or ``"adam"``.
         lr: learning rate.
         two_param_groups: put the head in its own param group with half the learning rate.

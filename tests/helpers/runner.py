@@ -14,6 +14,7 @@ import copy
 import os
 import socket
 import tempfile
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -95,6 +96,8 @@ def run_job(job: TrainJob, world_size: int = 1, timeout: float = DEFAULT_TIMEOUT
 
 
 def _fit(job: TrainJob, world_size: int) -> RankResult:
+    import lightning_optx  # noqa: F401  (registers the strategy names, as a user's script does)
+
     pl.seed_everything(job.seed, workers=True, verbose=False)
     module = job.module()
     logger = InMemoryLogger()
@@ -136,7 +139,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _worker(rank: int, world_size: int, port: int, job: TrainJob, out_path: str) -> None:
+def _set_rank_env(rank: int, world_size: int, port: int) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -146,46 +149,73 @@ def _worker(rank: int, world_size: int, port: int, job: TrainJob, out_path: str)
         NODE_RANK="0",
     )
     torch.set_num_threads(1)
+
+
+def _fit_worker(job: TrainJob, world_size: int) -> RankResult:
+    return _fit(job, world_size)
+
+
+def _plain_worker(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
     try:
-        result: Any = _fit(job, world_size)
+        return fn(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _entry(rank: int, world_size: int, port: int, target: Callable[..., Any], args: tuple[Any, ...],
+           out_path: str) -> None:
+    _set_rank_env(rank, world_size, port)
+    try:
+        result: Any = target(*args)
     except BaseException:
-        result = {"error": traceback.format_exc()}
+        result = {"__error__": traceback.format_exc()}
     torch.save(result, out_path)
 
 
+def run_distributed(fn: Callable[..., Any], *args: Any, world_size: int = 2,
+                    timeout: float = DEFAULT_TIMEOUT_S) -> list[Any]:
+    """Run ``fn(*args)`` on ``world_size`` processes inside an initialised gloo group; results by rank.
+
+    ``fn`` must be importable (a module-level function); ``torch.distributed.get_rank()`` tells it its rank.
+    """
+    return _spawn(_plain_worker, (fn, args), world_size, timeout)
+
+
 def _run_spawned(job: TrainJob, world_size: int, timeout: float) -> list[RankResult]:
+    results = _spawn(_fit_worker, (job, world_size), world_size, timeout)
+    return sorted(results, key=lambda r: r.rank)
+
+
+def _spawn(target: Callable[..., Any], args: tuple[Any, ...], world_size: int, timeout: float) -> list[Any]:
     ctx = mp.get_context("spawn")
     port = _free_port()
     with tempfile.TemporaryDirectory() as tmp:
         paths = [os.path.join(tmp, f"rank{r}.pt") for r in range(world_size)]
         procs = [
-            ctx.Process(target=_worker, args=(r, world_size, port, job, paths[r]), daemon=False)
+            ctx.Process(target=_entry, args=(r, world_size, port, target, args, paths[r]))
             for r in range(world_size)
         ]
         for p in procs:
             p.start()
-        deadline = _now() + timeout
+        deadline = time.monotonic() + timeout
         for p in procs:
-            p.join(max(0.0, deadline - _now()))
+            p.join(max(0.0, deadline - time.monotonic()))
         hung = [r for r, p in enumerate(procs) if p.is_alive()]
         for p in procs:
             if p.is_alive():
                 p.kill()
                 p.join()
         results = [torch.load(path, weights_only=False) if os.path.exists(path) else None for path in paths]
-    errors = [f"rank {r}:\n{res['error']}" for r, res in enumerate(results) if isinstance(res, dict)]
+    errors = [f"rank {r}:\n{res['__error__']}" for r, res in enumerate(results)
+              if isinstance(res, dict) and "__error__" in res]
     if errors:
         raise RuntimeError("distributed run failed\n" + "\n".join(errors))
     if hung:
         raise TimeoutError(f"distributed run did not finish within {timeout:.0f}s; ranks still alive: {hung}")
     missing = [r for r, res in enumerate(results) if res is None]
     if missing:
-        codes = [p.exitcode for p in procs]
-        raise RuntimeError(f"ranks {missing} produced no result (exit codes {codes})")
-    return sorted(results, key=lambda r: r.rank)  # type: ignore[union-attr,return-value]
-
-
-def _now() -> float:
-    import time
-
-    return time.monotonic()
+        raise RuntimeError(f"ranks {missing} produced no result (exit codes {[p.exitcode for p in procs]})")
+    return results

@@ -1,0 +1,241 @@
+"""Plumbing shared by our DDP-based strategies: comm hook, accounting, logging, per-rank checkpoint state.
+
+Not a public API. Each strategy subclasses :class:`OptxDDPStrategy` and fills in what it does at a sync.
+
+Checkpoints. Lightning writes checkpoints from rank 0 only, but some of our state differs per rank
+(error-feedback residuals; under Local SGD, each rank's parameters and optimizer moments between syncs).
+At save time every rank's part is gathered to rank 0 (``torch.distributed.gather_object``) and written
+into the checkpoint under ``checkpoint["lightning_optx"]["per_rank"]``; the state every rank shares goes under
+``["shared"]``. At load time each rank takes its own entry: optimizer states are swapped into the checkpoint
+before Lightning restores them, and module weights are re-applied right after the DDP wrap (whose rank-0
+broadcast would otherwise overwrite them). A checkpoint written with another world size falls back to
+rank 0's state for every rank, with a warning, and drops per-rank residuals.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torch.nn import Parameter
+from torch.optim import Optimizer
+
+from lightning_optx.distributed import Communicator
+
+CHECKPOINT_KEY = "lightning_optx"
+
+
+@dataclass
+class _HookState:
+    """What the DDP comm hook needs: whether to all-reduce now, and where to record it."""
+
+    comm: Communicator
+    allreduce: bool = True
+
+
+def _local_or_allreduce_hook(state: _HookState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+    """Average the bucket across ranks (recorded, overlapped with backward), or hand back the local gradients."""
+    buffer = bucket.buffer()
+    work = state.comm.all_reduce_async(buffer, tag="grad") if state.allreduce else None
+    if work is None:
+        fut: torch.futures.Future[Tensor] = torch.futures.Future()
+        fut.set_result(buffer)
+        return fut
+    world = state.comm.world_size
+    return work.get_future().then(lambda f: f.value()[0].div_(world))
+
+
+# DDP checks the hook's annotations by identity; `from __future__ import annotations` made them strings.
+_local_or_allreduce_hook.__annotations__ = {
+    "state": _HookState,
+    "bucket": dist.GradBucket,
+    "return": torch.futures.Future[Tensor],
+}
+
+
+def to_cpu(tree: Any) -> Any:
+    """A deep copy of a nested state with every tensor moved to the CPU (for pickling across ranks)."""
+    if isinstance(tree, Tensor):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {k: to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_cpu(v) for v in tree)
+    return copy.deepcopy(tree)
+
+
+class OptxDDPStrategy(DDPStrategy):
+    """A ``DDPStrategy`` that owns gradient synchronisation, accounts for every byte and checkpoints per rank.
+
+    Subclasses override :meth:`_hook_allreduces`, :meth:`_after_optimizer_step`, :meth:`_shared_state` /
+    :meth:`_load_shared_state` and :meth:`_rank_state` / :meth:`_load_rank_state`.
+    """
+
+    strategy_name: ClassVar[str] = "optx_ddp"
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.comm = Communicator()
+        self._hook_state = _HookState(self.comm)
+        self.optimizer_steps = 0
+        self._fp32_grad_bytes = 0
+        self._pending_rank_state: dict[str, Any] | None = None
+        self._pending_shared_state: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def _register_ddp_hooks(self) -> None:
+        # Lightning registers comm hooks on CUDA only; ours is needed on every device (CPU/gloo too).
+        assert self.model is not None
+        self.model.register_comm_hook(self._hook_state, _local_or_allreduce_hook)  # type: ignore[operator]
+        self._hook_state.allreduce = self._hook_allreduces()
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        super().setup(trainer)
+        self._check_supported(trainer)
+        self._fp32_grad_bytes = sum(p.numel() * 4 for p in self._trainable_params())
+        if self._pending_shared_state is not None:
+            self._load_shared_state(self._pending_shared_state)
+            self._pending_shared_state = None
+        if self._pending_rank_state is not None:
+            module_state = self._pending_rank_state.get("module")
+            if module_state is not None:
+                # after the DDP wrap, whose broadcast from rank 0 overwrote this rank's own weights
+                assert self.lightning_module is not None
+                self.lightning_module.load_state_dict(module_state)
+            self._load_rank_state(self._pending_rank_state)
+            self._pending_rank_state = None
+        self._hook_state.allreduce = self._hook_allreduces()
+
+    def _check_supported(self, trainer: pl.Trainer) -> None:
+        """Raise a clear error for combinations the strategy cannot honour."""
+
+    # ------------------------------------------------------------------ what subclasses define
+
+    def _hook_allreduces(self) -> bool:
+        """Whether DDP's comm hook averages gradients now (plain DDP) or leaves them local."""
+        return True
+
+    def _after_optimizer_step(self) -> None:
+        """Runs on every rank after each optimizer step (synchronisation decisions live here)."""
+
+    def _shared_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_shared_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def _rank_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_rank_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # ------------------------------------------------------------------ stepping and logging
+
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: pl.LightningModule | torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        self.comm.step = self.optimizer_steps
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        # Counted per call, not per applied update: an AMP step the scaler skips on one rank must not
+        # shift that rank's synchronisation schedule.
+        self.optimizer_steps += 1
+        self._after_optimizer_step()
+        self._hook_state.allreduce = self._hook_allreduces()
+        self._log_communication()
+        return output
+
+    def _log_communication(self) -> None:
+        module = self.lightning_module
+        if module is None or module._current_fx_name is None:
+            return
+        ledger = self.comm.ledger
+        step_bytes = ledger.bytes_for_step(self.optimizer_steps - 1)
+        baseline = self._fp32_grad_bytes * self.optimizer_steps
+        ratio = baseline / ledger.total_bytes if ledger.total_bytes else float("inf")
+        metrics = {
+            "comm/bytes_per_step": float(step_bytes),
+            "comm/bytes_total": float(ledger.total_bytes),
+            "comm/compression_ratio": float(ratio) if self.comm.active else 1.0,
+            **self._extra_metrics(),
+        }
+        for name, value in metrics.items():
+            module.log(name, value, on_step=True, on_epoch=False, prog_bar=name == "comm/compression_ratio")
+
+    def _extra_metrics(self) -> dict[str, float]:
+        return {}
+
+    # ------------------------------------------------------------------ helpers for subclasses
+
+    def _named_trainable_params(self) -> Iterator[tuple[str, Parameter]]:
+        assert self.lightning_module is not None
+        return ((n, p) for n, p in self.lightning_module.named_parameters() if p.requires_grad)
+
+    def _trainable_params(self) -> list[Parameter]:
+        return [p for _, p in self._named_trainable_params()]
+
+    def _grad_scale(self) -> float:
+        """The fp16 GradScaler's current scale (1.0 without one)."""
+        scaler = getattr(self.precision_plugin, "scaler", None)
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+    # ------------------------------------------------------------------ checkpointing
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        mine = to_cpu(self._rank_state())
+        gathered: list[Any] | None = [None] * self.world_size if self.is_global_zero else None
+        if self.comm.active:
+            dist.gather_object(mine, gathered, dst=0)
+        else:
+            gathered = [mine]
+        if self.is_global_zero:
+            checkpoint[CHECKPOINT_KEY] = {
+                "strategy": self.strategy_name,
+                "world_size": self.world_size,
+                "optimizer_steps": self.optimizer_steps,
+                "comm": self.comm.ledger.state_dict(),
+                "shared": to_cpu(self._shared_state()),
+                "per_rank": gathered,
+            }
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        if weights_only:
+            weights_only = False  # our per-rank state holds plain Python containers and counters
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        ours = checkpoint.get(CHECKPOINT_KEY)
+        if ours is None:
+            rank_zero_warn(f"{type(self).__name__}: the checkpoint holds no {CHECKPOINT_KEY!r} state; "
+                           "the strategy starts its schedule and compressor state from scratch.")
+            return checkpoint
+        if ours["strategy"] != self.strategy_name:
+            rank_zero_warn(f"{type(self).__name__}: the checkpoint was written by strategy {ours['strategy']!r}; "
+                           "its strategy state is not restored.")
+            return checkpoint
+        self.optimizer_steps = int(ours["optimizer_steps"])
+        self.comm.ledger.load_state_dict(ours["comm"])
+        self._pending_shared_state = ours["shared"]
+        if ours["world_size"] == self.world_size:
+            rank_state = ours["per_rank"][self.global_rank]
+        else:
+            rank_zero_warn(f"{type(self).__name__}: the checkpoint was written with world size "
+                           f"{ours['world_size']}, this run has {self.world_size}; every rank resumes from rank 0's "
+                           "state and per-rank residuals are reset.")
+            rank_state = {k: v for k, v in ours["per_rank"][0].items() if k in ("module", "optimizer_states")}
+        if "optimizer_states" in rank_state:
+            checkpoint["optimizer_states"] = rank_state["optimizer_states"]
+        self._pending_rank_state = rank_state
+        return checkpoint

@@ -1,0 +1,144 @@
+"""Local SGD: each rank steps on its own gradients; parameters are averaged every ``period`` steps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+
+from lightning_optx.distributed import all_reduce_mean_coalesced_
+from lightning_optx.functional.local_sgd import check_period_args, qsr_period
+from lightning_optx.strategies._ddp_base import OptxDDPStrategy
+
+
+class LocalSGDStrategy(OptxDDPStrategy):
+    """Local SGD with post-local warm-up and the Quadratic Synchronization Rule, as a DDP strategy.
+
+    For the first ``warmup_steps`` optimizer steps this is plain DDP (gradients all-reduced every step).
+    After that, gradients stay local: there is no per-step all-reduce at all, and every ``period`` optimizer
+    steps the parameters (and, by option, floating-point buffers and optimizer moments) are averaged
+    across ranks in one coalesced all-reduce. Right after a sync every rank holds bit-identical parameters.
+
+    With ``qsr_alpha`` the period follows the Quadratic Synchronization Rule: after each sync it is set to
+    ``max(min_period, floor((qsr_alpha / lr)^2))`` from the learning rate of the first param group.
+
+    Steps are counted per optimizer-step call on every rank, so an AMP step the grad scaler skips on one
+    rank does not shift that rank's schedule. Between syncs the ranks' parameters and optimizer states
+    differ; checkpoints store every rank's (gathered to rank 0), so a resumed run continues bit for bit.
+
+    Args:
+        period: optimizer steps between two averagings (>= 1); ``period=1`` averages after every step.
+        warmup_steps: optimizer steps of plain DDP before local steps start (post-local SGD).
+        qsr_alpha: QSR's alpha; ``None`` keeps ``period`` fixed.
+        min_period: QSR's lower bound on the period (``H_base`` in the paper).
+        average_buffers: also average floating-point buffers (BatchNorm statistics) at each sync.
+        average_optimizer_state: also average the optimizer's floating-point state (momentum, Adam moments).
+        **kwargs: passed to Lightning's ``DDPStrategy`` (e.g. ``find_unused_parameters``).
+
+    Examples:
+        >>> import lightning as L
+        >>> import lightning_optx  # registers "local_sgd"
+        >>> trainer = L.Trainer(strategy="local_sgd", accelerator="cpu", devices=1, max_steps=1, logger=False,
+        ...                     enable_checkpointing=False)
+        >>> strategy = LocalSGDStrategy(period=16, warmup_steps=100, qsr_alpha=0.02)
+    """
+
+    strategy_name = "local_sgd"
+
+    def __init__(
+        self,
+        period: int = 8,
+        warmup_steps: int = 0,
+        qsr_alpha: float | None = None,
+        min_period: int = 1,
+        average_buffers: bool = True,
+        average_optimizer_state: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        check_period_args(period, warmup_steps, qsr_alpha, min_period)
+        super().__init__(**kwargs)
+        self.period = period
+        self.warmup_steps = warmup_steps
+        self.qsr_alpha = qsr_alpha
+        self.min_period = min_period
+        self.average_buffers = average_buffers
+        self.average_optimizer_state = average_optimizer_state
+        self.current_period = period
+        self.last_sync_step = warmup_steps
+        self.sync_steps: list[int] = []
+
+    def _check_supported(self, trainer: pl.Trainer) -> None:
+        if len(self.optimizers) != 1:
+            raise MisconfigurationException(
+                f"LocalSGDStrategy supports exactly one optimizer, got {len(self.optimizers)}: the averaging "
+                "schedule counts optimizer steps, which several optimizers would advance at different rates."
+            )
+
+    @property
+    def in_warmup(self) -> bool:
+        return self.optimizer_steps < self.warmup_steps
+
+    def _hook_allreduces(self) -> bool:
+        return self.in_warmup
+
+    def _after_optimizer_step(self) -> None:
+        if self.optimizer_steps <= self.warmup_steps:
+            self.last_sync_step = self.optimizer_steps
+            return
+        if self.optimizer_steps - self.last_sync_step < self.current_period:
+            return
+        self._average()
+        self.last_sync_step = self.optimizer_steps
+        self.sync_steps.append(self.optimizer_steps)
+        if self.qsr_alpha is not None:
+            lr = float(self.optimizers[0].param_groups[0]["lr"])
+            self.current_period = qsr_period(lr, self.qsr_alpha, self.min_period)
+
+    def _average(self) -> None:
+        assert self.lightning_module is not None
+        tensors: list[Tensor] = [p.data for p in self.lightning_module.parameters()]
+        if self.average_buffers:
+            tensors += [b for b in self.lightning_module.buffers() if b.is_floating_point()]
+        if self.average_optimizer_state:
+            tensors += _floating_optimizer_state(self.optimizers[0])
+        with torch.no_grad():
+            all_reduce_mean_coalesced_(tensors, self.comm, tag="params")
+
+    def _extra_metrics(self) -> dict[str, float]:
+        return {"local_sgd/period": float(self.current_period)}
+
+    # ------------------------------------------------------------------ checkpointing
+
+    def _shared_state(self) -> dict[str, Any]:
+        return {
+            "current_period": self.current_period,
+            "last_sync_step": self.last_sync_step,
+            "sync_steps": list(self.sync_steps),
+        }
+
+    def _load_shared_state(self, state: dict[str, Any]) -> None:
+        self.current_period = int(state["current_period"])
+        self.last_sync_step = int(state["last_sync_step"])
+        self.sync_steps = list(state["sync_steps"])
+
+    def _rank_state(self) -> dict[str, Any]:
+        assert self.lightning_module is not None
+        return {
+            "module": self.lightning_module.state_dict(),
+            "optimizer_states": [opt.state_dict() for opt in self.optimizers],
+        }
+
+
+def _floating_optimizer_state(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The optimizer's floating-point state tensors (moments), in a fixed order; step counters excluded."""
+    out: list[Tensor] = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key in sorted(optimizer.state.get(p, {})):
+                value = optimizer.state[p][key]
+                if isinstance(value, Tensor) and value.is_floating_point() and key != "step" and value.dim() > 0:
+                    out.append(value)
+    return out
