@@ -8,9 +8,18 @@ Add a callback to your ``Trainer`` and leave your ``LightningModule`` unmodified
     trainer = L.Trainer(callbacks=[Grokfast(filter="ema", alpha=0.98, lamb=2.0)])
 """
 
-from lightning_optx.callbacks import Grokfast
+from lightning_optx.callbacks import DropoutSchedule, EarlyDropout, GradES, Grokfast, LateDropout
 from lightning_optx.strategies import CompressedDDPStrategy, LocalSGDStrategy
 
 __version__ = "0.1.0"
 
-__all__ = ["CompressedDDPStrategy", "Grokfast", "LocalSGDStrategy", "__version__"]
+__all__ = [
+    "CompressedDDPStrategy",
+    "DropoutSchedule",
+    "EarlyDropout",
+    "GradES",
+    "Grokfast",
+    "LateDropout",
+    "LocalSGDStrategy",
+    "__version__",
+]

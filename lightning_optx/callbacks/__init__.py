@@ -1,5 +1,7 @@
 """Lightning callbacks: thin adapters around the math in :mod:`lightning_optx.functional`."""
 
+from lightning_optx.callbacks.dropout import DropoutSchedule, EarlyDropout, LateDropout
+from lightning_optx.callbacks.grades import GradES
 from lightning_optx.callbacks.grokfast import Grokfast
 
-__all__ = ["Grokfast"]
+__all__ = ["DropoutSchedule", "EarlyDropout", "GradES", "Grokfast", "LateDropout"]

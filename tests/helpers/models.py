@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-ModelName = Literal["mlp", "wide_mlp", "transformer"]
+ModelName = Literal["mlp", "wide_mlp", "transformer", "mha_transformer", "dropout_mlp"]
 
 
 class TinyMLP(nn.Module):
@@ -77,6 +77,33 @@ class TinyTransformer(nn.Module):
         return self.head(h.mean(dim=1))
 
 
+class TinyMHATransformer(nn.Module):
+    """``nn.TransformerEncoder`` (fused ``in_proj_weight``, dropout modules and attention dropout)."""
+
+    def __init__(self, in_dim: int = 8, dim: int = 16, out_dim: int = 4, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.embed = nn.Linear(in_dim, dim)
+        layer = nn.TransformerEncoderLayer(dim, nhead=2, dim_feedforward=32, dropout=dropout, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder(self.embed(x)).mean(dim=1))
+
+
+class DropoutMLP(nn.Module):
+    def __init__(self, in_dim: int = 8, hidden: int = 32, out_dim: int = 4, p: float = 0.3) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden)
+        self.drop1 = nn.Dropout(p)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.drop2 = nn.Dropout(p)
+        self.head = nn.Linear(hidden, out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.drop2(torch.relu(self.fc2(self.drop1(torch.relu(self.fc1(x)))))))
+
+
 def make_model(name: ModelName) -> nn.Module:
     if name == "mlp":
         return TinyMLP()
@@ -84,13 +111,17 @@ def make_model(name: ModelName) -> nn.Module:
         return TinyMLP(hidden=128)
     if name == "transformer":
         return TinyTransformer()
+    if name == "mha_transformer":
+        return TinyMHATransformer()
+    if name == "dropout_mlp":
+        return DropoutMLP()
     raise ValueError(f"unknown tiny model {name!r}")
 
 
 def random_dataset(model: ModelName = "mlp", n: int = 64, seed: int = 1234) -> TensorDataset:
     """A fixed regression data set (independent of the global seed)."""
     g = torch.Generator().manual_seed(seed)
-    shape = (n, 5, 8) if model == "transformer" else (n, 8)
+    shape = (n, 5, 8) if model in ("transformer", "mha_transformer") else (n, 8)
     x = torch.randn(shape, generator=g)
     y = torch.randn(n, 4, generator=g)
     return TensorDataset(x, y)
@@ -100,7 +131,7 @@ class TinyModule(pl.LightningModule):
     """A LightningModule around a tiny model, with knobs for the interaction cases the tests need.
 
     Args:
-        model: ``"mlp"``, ``"wide_mlp"`` or ``"transformer"``.
+        model: ``"mlp"``, ``"wide_mlp"``, ``"transformer"``, ``"mha_transformer"`` or ``"dropout_mlp"``.
         optimizer: ``"sgd"`` (momentum 0.9), ``"adamw"`` or ``"adam"``.
         lr: learning rate.
         two_param_groups: put the head in its own param group with half the learning rate.

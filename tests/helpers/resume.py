@@ -1,12 +1,31 @@
-"""Resume equivalence: N epochs straight vs k epochs, checkpoint, a fresh Trainer resumes to N."""
+"""Resume equivalence: N epochs straight vs k epochs, checkpoint, a fresh Trainer resumes to N.
+
+The interrupted run is configured exactly like the straight one (same ``max_epochs``, so the same planned
+number of steps, which schedules and grace periods depend on) and stopped after ``k`` epochs by a callback,
+as a crash or a pre-emption would stop it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
 from tests.helpers.compare import assert_tree_equal
 from tests.helpers.runner import RankResult, TrainJob, run_job
+
+
+class StopAfterEpoch(Callback):
+    """Stops training at the end of epoch ``epochs`` (1-based), like an interruption between epochs."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
 
 
 def check_resume_equivalence(
@@ -20,14 +39,13 @@ def check_resume_equivalence(
     assert 0 < split_epoch < total_epochs
     ckpt = os.path.join(tmp_dir, "split.ckpt")
 
-    def with_epochs(epochs: int, **changes: object) -> TrainJob:
-        kwargs = {**job.trainer_kwargs, "max_epochs": epochs}
-        return dataclasses.replace(job, trainer_kwargs=kwargs, **changes)  # type: ignore[arg-type]
-
-    straight = run_job(with_epochs(total_epochs), world_size)
-    first = run_job(with_epochs(split_epoch, save_checkpoint_to=ckpt), world_size)
+    kwargs = {**job.trainer_kwargs, "max_epochs": total_epochs}
+    straight = run_job(dataclasses.replace(job, trainer_kwargs=kwargs), world_size)
+    interrupted = dataclasses.replace(job, trainer_kwargs=kwargs, save_checkpoint_to=ckpt,
+                                      callbacks=[*job.callbacks, StopAfterEpoch(split_epoch)])
+    first = run_job(interrupted, world_size)
     assert os.path.exists(ckpt), "the first half wrote no checkpoint"
-    resumed = run_job(with_epochs(total_epochs, ckpt_path=ckpt), world_size)
+    resumed = run_job(dataclasses.replace(job, trainer_kwargs=kwargs, ckpt_path=ckpt), world_size)
 
     assert first[0].global_step < straight[0].global_step
     for s, r in zip(straight, resumed):

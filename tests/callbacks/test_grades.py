@@ -1,0 +1,151 @@
+"""GradES in a real Trainer: freezing saves work, grace period, stop, DDP re-wrap, resume, MiniLM."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from lightning_optx import GradES
+from tests.helpers import TrainJob, assert_ranks_identical, check_resume_equivalence, run_job
+from tests.helpers.models import TinyModule
+from tests.helpers.recorder import StepRecorder, recorded_steps
+
+TRANSFORMER = functools.partial(TinyModule, model="transformer", optimizer="adamw", lr=1e-2, weight_decay=0.1)
+
+
+def grades(**kwargs):
+    return GradES(**{"tau": 0.5, "tau_mode": "relative", "grace_fraction": 0.3, **kwargs})
+
+
+def grades_facts(trainer, module):
+    cb = next(c for c in trainer.callbacks if isinstance(c, GradES))
+    return {"targets": cb.target_names, "grace": cb.grace_steps,
+            "trainable": {n for n, p in module.named_parameters() if p.requires_grad}}
+
+
+def job(callbacks, module=TRANSFORMER, epochs=3, inspect=grades_facts, **trainer_kwargs):
+    return TrainJob(module=module, callbacks=callbacks, trainer_kwargs={"max_epochs": epochs, **trainer_kwargs},
+                    inspect=inspect)
+
+
+def frozen_of(result, cb):
+    return result.callback_states[cb.state_key]["frozen"]
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match=r"`tau` must be a positive float, got tau=-1"):
+        GradES(tau=-1)
+    with pytest.raises(ValueError, match=r"`targets` must be 'auto' or a list of regular expressions"):
+        GradES(tau=1e-3, targets="fc1")
+
+
+def test_no_target_found_is_an_error_at_setup():
+    mlp = functools.partial(TinyModule, model="mlp")
+    with pytest.raises(ValueError, match=r"GradES found no target matrix with targets=\['nothing'\]"):
+        run_job(job([GradES(tau=1e-3, targets=["nothing"])], module=mlp))
+
+
+def test_auto_targets_of_separate_and_fused_projections():
+    [sep] = run_job(job([grades()], epochs=1))
+    assert len(sep.inspected["targets"]) == 12  # 2 blocks x (q, k, v, o, fc1, fc2)
+    [mha] = run_job(job([grades()], module=functools.partial(TinyModule, model="mha_transformer"), epochs=1))
+    assert sorted(n.split(".", 4)[-1] for n in mha.inspected["targets"]) == sorted(
+        ["self_attn.in_proj_weight", "self_attn.out_proj.weight", "linear1.weight", "linear2.weight"] * 2)
+
+
+def test_frozen_matrices_get_no_gradient_and_never_move_again():
+    cb = grades()
+    [r] = run_job(job([cb, StepRecorder()], inspect=lambda t, m: (recorded_steps(t, m), grades_facts(t, m))))
+    steps, facts = r.inspected
+    frozen = frozen_of(r, cb)
+    assert frozen and min(frozen.values()) >= facts["grace"] == 8
+    records = {rec["step"]: rec["params"] for rec in steps}
+    for name, step in frozen.items():
+        # AdamW with weight decay and momentum would keep moving it: a frozen matrix stays bit for bit
+        assert all(torch.equal(records[s][name], records[step][name]) for s in records if s >= step), name
+    assert facts["trainable"].isdisjoint(frozen)
+    assert r.series("grades/frozen_fraction")[-1] == pytest.approx(len(frozen) / 12)
+
+
+def test_stops_when_every_target_is_frozen():
+    cb = GradES(tau=1e3, grace_fraction=0.25)  # absolute tau far above every metric
+    [r] = run_job(job([cb]))
+    assert set(frozen_of(r, cb).values()) == {6}
+    assert r.global_step == 6  # 24 planned steps; stopped right after the grace period
+
+
+def test_weight_delta_metric_and_remove_from_optimizer():
+    cb = grades(metric="weight_delta", tau=0.3, remove_from_optimizer=True)
+    [r] = run_job(job([cb]))
+    frozen = frozen_of(r, cb)
+    assert frozen
+    n_params = sum(len(g["params"]) for g in r.optimizer_states[0]["param_groups"])
+    assert n_params == len(r.params) - len(frozen)
+
+
+def test_regex_targets_on_a_plain_mlp():
+    cb = GradES(tau=0.9, tau_mode="relative", grace_fraction=0.1, targets=[r"fc\d\.weight$"])
+    [r] = run_job(job([cb], module=functools.partial(TinyModule, model="mlp")))
+    assert r.inspected["targets"] == ["net.fc1.weight", "net.fc2.weight"]
+    assert set(frozen_of(r, cb)) <= {"net.fc1.weight", "net.fc2.weight"}
+
+
+def test_gradient_accumulation_measures_once_per_optimizer_step():
+    cb = grades()
+    [r] = run_job(job([cb], accumulate_grad_batches=2))
+    assert r.global_step <= 12
+    assert len(r.series("grades/frozen_fraction")) == r.global_step
+
+
+def test_bf16_mixed():
+    cb = grades()
+    [r] = run_job(job([cb], precision="bf16-mixed"))
+    assert frozen_of(r, cb)
+    assert all(torch.isfinite(p).all() for p in r.params.values())
+
+
+@pytest.mark.parametrize("metric", ["grad", "weight_delta"])
+def test_resume_is_bit_exact_with_matrices_frozen_before_the_split(tmp_path, metric):
+    cb = grades(metric=metric, tau=0.5 if metric == "grad" else 0.2)
+    straight, _ = check_resume_equivalence(job([cb]), total_epochs=3, split_epoch=1, tmp_dir=str(tmp_path))
+    frozen = frozen_of(straight[0], cb)
+    assert min(frozen.values()) <= 8 < max(frozen.values()) or len(frozen) == 12
+
+
+@pytest.mark.multiprocess
+def test_ddp_freeze_mid_run():
+    """Plain find_unused_parameters=False DDP: freezing mid-run must not break the reducer (re-wrap)."""
+    cb = grades()
+    ranks = run_job(job([cb], strategy="ddp"), world_size=2)
+    assert frozen_of(ranks[0], cb) == frozen_of(ranks[1], cb)
+    assert len(frozen_of(ranks[0], cb)) >= 2
+    assert ranks[0].global_step == ranks[1].global_step
+    assert_ranks_identical(ranks)
+
+
+@pytest.mark.multiprocess
+def test_ddp_stop_is_taken_by_every_rank():
+    cb = GradES(tau=1e3, grace_fraction=0.25)
+    ranks = run_job(job([cb]), world_size=2)
+    assert ranks[0].global_step == ranks[1].global_step == 3  # 12 planned steps on 2 ranks
+    assert_ranks_identical(ranks)
+
+
+@pytest.mark.multiprocess
+def test_ddp_resume_is_bit_exact(tmp_path):
+    cb = grades()
+    straight, _ = check_resume_equivalence(job([cb], epochs=4), total_epochs=4, split_epoch=2, tmp_dir=str(tmp_path),
+                                           world_size=2)
+    assert frozen_of(straight[0], cb)
+
+
+def test_lightning_cli_builds_grades_with_regex_targets():
+    from lightning.pytorch.cli import LightningCLI
+
+    cli = LightningCLI(TinyModule, run=False, save_config_callback=None, trainer_defaults={"logger": False},
+                       args=["--trainer.callbacks+=lightning_optx.GradES", "--trainer.callbacks.tau=0.2",
+                             "--trainer.callbacks.tau_mode=relative", '--trainer.callbacks.targets=["fc1"]'])
+    [cb] = [c for c in cli.trainer.callbacks if isinstance(c, GradES)]
+    assert (cb.tau, cb.tau_mode, cb.targets) == (0.2, "relative", ["fc1"])
