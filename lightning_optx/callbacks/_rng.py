@@ -20,7 +20,7 @@ def collect_rng_state() -> dict[str, Any]:
     try:
         import numpy as np
 
-        name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+        name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
         state["numpy"] = (name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss),
                           float(cached))
     except ImportError:  # pragma: no cover
