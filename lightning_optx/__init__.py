@@ -9,12 +9,13 @@ Add a callback to your ``Trainer`` and leave your ``LightningModule`` unmodified
 """
 
 from lightning_optx.callbacks import DropoutSchedule, EarlyDropout, GradES, Grokfast, LateDropout
-from lightning_optx.strategies import CompressedDDPStrategy, LocalSGDStrategy
+from lightning_optx.strategies import CompressedDDPStrategy, DiLoCoStrategy, LocalSGDStrategy
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CompressedDDPStrategy",
+    "DiLoCoStrategy",
     "DropoutSchedule",
     "EarlyDropout",
     "GradES",

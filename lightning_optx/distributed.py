@@ -113,13 +113,16 @@ class Communicator:
             single process (every collective a no-op).
         ledger: where collectives are recorded; a fresh one if not given.
 
-    ``step`` is set by the owner (a strategy) so that each record carries the optimizer step it belongs to.
+    ``step`` is set by the owner (a strategy) so that each record carries the optimizer step it belongs to;
+    ``overlapped`` is the default for records of collectives that do not say (a communicator used from a
+    background thread, behind computation, sets it).
     """
 
-    def __init__(self, group: Any = None, ledger: CommLedger | None = None) -> None:
+    def __init__(self, group: Any = None, ledger: CommLedger | None = None, overlapped: bool = False) -> None:
         self.group = group
         self.ledger = ledger if ledger is not None else CommLedger()
         self.step = 0
+        self.overlapped = overlapped
 
     @property
     def active(self) -> bool:
@@ -137,10 +140,11 @@ class Communicator:
             return 0
         return dist.get_rank(self.group)
 
-    def _record(self, kind: CollectiveKind, payload: int, overlapped: bool, tag: str) -> None:
-        self.ledger.add(CollectiveRecord(kind, payload, self.world_size, overlapped, tag, self.step))
+    def _record(self, kind: CollectiveKind, payload: int, overlapped: bool | None, tag: str) -> None:
+        flag = self.overlapped if overlapped is None else overlapped
+        self.ledger.add(CollectiveRecord(kind, payload, self.world_size, flag, tag, self.step))
 
-    def all_reduce_(self, tensor: Tensor, op: ReduceOp = "sum", tag: str = "", overlapped: bool = False) -> None:
+    def all_reduce_(self, tensor: Tensor, op: ReduceOp = "sum", tag: str = "", overlapped: bool | None = None) -> None:
         """In-place all-reduce; ``op="mean"`` divides by the world size after summing."""
         if not self.active:
             return
@@ -159,7 +163,7 @@ class Communicator:
         self._record("all_reduce", tensor_bytes(tensor), True, tag)
         return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
 
-    def all_gather(self, tensor: Tensor, tag: str = "", overlapped: bool = False) -> list[Tensor]:
+    def all_gather(self, tensor: Tensor, tag: str = "", overlapped: bool | None = None) -> list[Tensor]:
         """Every rank's ``tensor`` (same shape on every rank), in rank order."""
         if not self.active:
             return [tensor]
@@ -171,7 +175,7 @@ class Communicator:
     def broadcast_(self, tensor: Tensor, src: int = 0, tag: str = "") -> None:
         if not self.active:
             return
-        self._record("broadcast", tensor_bytes(tensor), False, tag)
+        self._record("broadcast", tensor_bytes(tensor), None, tag)
         dist.broadcast(tensor, src=src, group=self.group)
 
     def all_gather_object(self, obj: Any) -> list[Any]:

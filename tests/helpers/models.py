@@ -132,7 +132,7 @@ class TinyModule(pl.LightningModule):
 
     Args:
         model: ``"mlp"``, ``"wide_mlp"``, ``"transformer"``, ``"mha_transformer"`` or ``"dropout_mlp"``.
-        optimizer: ``"sgd"`` (momentum 0.9), ``"adamw"`` or ``"adam"``.
+        optimizer: ``"sgd"`` (momentum 0.9), ``"plain_sgd"``, ``"adamw"`` or ``"adam"``.
         lr: learning rate.
         two_param_groups: put the head in its own param group with half the learning rate.
         data_size, batch_size: the fixed data set and the loader's batch size (no shuffling).
@@ -176,6 +176,8 @@ class TinyModule(pl.LightningModule):
             params = self.parameters()
         if hp.optimizer == "sgd":
             return torch.optim.SGD(params, lr=hp.lr, momentum=0.9, weight_decay=hp.weight_decay)
+        if hp.optimizer == "plain_sgd":
+            return torch.optim.SGD(params, lr=hp.lr)
         if hp.optimizer == "adamw":
             return torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
         if hp.optimizer == "adam":
@@ -214,3 +216,49 @@ class TwoOptimizerModule(TinyModule):
         head_ids = {id(p) for p in head}
         body = [p for p in self.parameters() if id(p) not in head_ids]
         return [torch.optim.SGD(body, lr=self.hparams.lr, momentum=0.9), torch.optim.Adam(head, lr=1e-2)]
+
+
+class MultiTaskModule(pl.LightningModule):
+    """A shared trunk with one linear head per task; tasks regress conflicting targets of the same input.
+
+    ``training_step`` returns ``{"loss": sum of task losses, "task_losses": {name: loss}}``, the contract of
+    ``GradientSurgery``.
+    """
+
+    def __init__(self, tasks: int = 2, lr: float = 0.05, batch_size: int = 8, data_size: int = 64,
+                 optimizer: str = "sgd", shard_in_order: bool = False, loss_mode: str = "sum") -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.trunk = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh())
+        self.heads = nn.ModuleDict({f"task{t}": nn.Linear(16, 1) for t in range(tasks)})
+
+    def task_losses(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        h = self.trunk(x)
+        return {name: nn.functional.mse_loss(head(h).squeeze(-1), y[:, t])
+                for t, (name, head) in enumerate(self.heads.items())}
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        x, y = batch
+        losses = self.task_losses(x, y)
+        total = torch.stack(list(losses.values())).sum()
+        if self.hparams.loss_mode == "mean":
+            total = total / len(losses)
+        self.log("train_loss", total, on_step=True, on_epoch=False)
+        return {"loss": total, "task_losses": losses}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.hparams.optimizer == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(99)
+        x = torch.randn(self.hparams.data_size, 8, generator=g)
+        base = x[:, :3].sum(1, keepdim=True)
+        signs = torch.tensor([(-1.0) ** t for t in range(self.hparams.tasks)])
+        y = base * signs + 0.1 * torch.randn(self.hparams.data_size, self.hparams.tasks, generator=g)
+        data = TensorDataset(x, y)
+        if self.hparams.shard_in_order and self.trainer.world_size > 1:
+            sampler = DistributedSampler(data, self.trainer.world_size, self.trainer.global_rank, shuffle=False)
+            return DataLoader(data, batch_size=self.hparams.batch_size, sampler=sampler)
+        return DataLoader(data, batch_size=self.hparams.batch_size, shuffle=False)

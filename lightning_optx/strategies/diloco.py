@@ -1,0 +1,372 @@
+"""DiLoCo / DiLoCoX: local inner steps, outer Nesterov steps on averaged pseudo-gradients, overlap, compression."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from torch.nn import Parameter
+
+from lightning_optx.compression import COMPRESSORS, Compressor, get_compressor
+from lightning_optx.distributed import Communicator, all_reduce_mean_coalesced_
+from lightning_optx.functional import diloco as D
+from lightning_optx.strategies._ddp_base import OptxDDPStrategy
+
+ADAPTIVE_THRESHOLDS = (0.2, 0.6)  # relative compression error below / above which the level halves / doubles
+DEFAULT_BOUNDS = {"powersgd": (1.0, 64.0), "topk": (0.001, 0.25)}
+
+
+@dataclass
+class _Pending:
+    """A pseudo-gradient average in flight (overlap mode), or its result once known.
+
+    ``views`` are the per-tensor results; for the uncompressed path they are views into ``flat``, the one
+    buffer the asynchronous all-reduce sums into.
+    """
+
+    views: list[Tensor]
+    flat: Tensor | None = None
+    work: Any = None
+    future: Future[Any] | None = None
+    world: int = 1
+
+    def wait(self) -> list[Tensor]:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+            assert self.flat is not None
+            self.flat.div_(self.world)
+        if self.future is not None:
+            self.future.result()  # re-raises what the background average raised
+            self.future = None
+        return self.views
+
+
+@dataclass
+class _Fragment:
+    names: list[str]
+    params: list[Parameter]
+    global_params: list[Tensor]  # fp32, off the accelerator
+    outer: torch.optim.Optimizer
+    next_sync: int
+    start: list[Tensor] | None = None  # overlap: where this rank's current round started
+    pending: _Pending | None = None
+
+
+class DiLoCoStrategy(OptxDDPStrategy):
+    """DiLoCo: ``inner_steps`` local optimizer steps, then an outer step on the averaged pseudo-gradient.
+
+    Each rank runs the module's own optimizer (and LR scheduler, per inner step) with no gradient all-reduce.
+    At a sync the pseudo-gradient ``delta = theta_global - theta_local`` is averaged across ranks (through a
+    compressor with error feedback if one is given), the outer optimizer (SGD with Nesterov momentum by
+    default) steps the global parameters with it, and every rank continues from the new global parameters.
+    The global parameters and the outer optimizer's momentum are kept in fp32 on the CPU (pinned when the
+    model is on CUDA), so the accelerator holds one copy of the model, not three.
+
+    **Overlap** (``overlap=True``, one-step delay as in DiLoCoX): at the end of round ``t`` rank ``i`` starts
+    averaging its round progress ``d_i^t = x_i^{t,0} - x_i^{t,H}`` in the background and keeps training. The
+    average of round ``t-1``, started one round earlier, is waited for and applied by the outer optimizer:
+    ``theta^t = Outer(theta^{t-1}, mean_i d_i^{t-1})``. The next round starts from the new global parameters
+    plus this rank's own, not yet averaged, progress: ``x_i^{t+1,0} = theta^t - d_i^t`` (the delay
+    correction). The global parameters are identical on every rank after each outer step; local parameters
+    differ by one round of local progress. Communication of a round hides behind a whole round of compute.
+
+    **Fragments** (``fragments=F``, streaming DiLoCo): the parameters are split into ``F`` contiguous groups
+    of about equal size; fragment ``f`` syncs at steps ``H - f H / F`` and every ``H`` steps after, so each
+    sync moves ``1/F`` of the bytes. ``F`` must divide ``inner_steps``.
+
+    **Adaptive compression** (DiLoCoX): after each compressed sync the relative compression error
+    ``||m - C(m)|| / ||m||`` (averaged across ranks) halves the PowerSGD rank / top-k density when it is
+    below 0.2 and doubles it above 0.6, within ``compression_bounds``; logged as ``diloco/compression_level``.
+
+    Checkpoints hold the global parameters, outer-optimizer state, sync schedule, any in-flight average
+    (completed first) and, gathered from every rank, the local parameters, inner optimizer state, overlap
+    start points and compressor residuals: a resumed run continues bit for bit.
+
+    At the end of ``fit`` each rank's local parameters include its progress since its last sync; the
+    consensus is ``strategy.global_state_dict()``. Set ``max_steps`` to a multiple of ``inner_steps`` (without
+    overlap) for identical final local parameters.
+
+    Args:
+        inner_steps: ``H``, optimizer steps between syncs.
+        outer_optimizer: ``"nesterov"`` (SGD with Nesterov momentum) or ``"sgd"`` (heavy-ball or plain).
+        outer_lr: outer learning rate (0.7 in the DiLoCo paper).
+        outer_momentum: outer momentum (0.9 in the paper).
+        overlap: one-step-delay overlap of the pseudo-gradient average with the next round.
+        compressor: ``None`` (fp32 all-reduce), a :class:`~lightning_optx.compression.Compressor` or a name
+            (``"powersgd"``, ``"topk"``, ``"sign"``, ``"fp16"``, ``"bf16"``).
+        error_feedback: for a named compressor.
+        adaptive_compression: adapt the PowerSGD rank / top-k density (see above).
+        fragments: number of staggered fragments (streaming DiLoCo).
+        compressor_options: options of a named compressor (e.g. ``{"rank": 8}``).
+        compression_bounds: ``(min, max)`` level for adaptive compression.
+        **kwargs: passed to Lightning's ``DDPStrategy``.
+
+    Examples:
+        >>> strategy = DiLoCoStrategy(inner_steps=100, outer_lr=0.7, outer_momentum=0.9)
+        >>> x = DiLoCoStrategy(inner_steps=100, overlap=True, compressor="powersgd",
+        ...                    compressor_options={"rank": 8}, adaptive_compression=True, fragments=4)
+    """
+
+    strategy_name = "diloco"
+
+    def __init__(
+        self,
+        inner_steps: int = 500,
+        outer_optimizer: str = "nesterov",
+        outer_lr: float = 0.7,
+        outer_momentum: float = 0.9,
+        overlap: bool = False,
+        compressor: str | Compressor | None = None,
+        error_feedback: bool = True,
+        adaptive_compression: bool = False,
+        fragments: int = 1,
+        compressor_options: dict[str, Any] | None = None,
+        compression_bounds: tuple[float, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        D.check_diloco_args(inner_steps, outer_optimizer, outer_lr, outer_momentum, fragments)
+        self.compressor = _build_compressor(compressor, error_feedback, compressor_options)
+        adaptable = hasattr(self.compressor, "rank") or hasattr(self.compressor, "density")
+        if adaptive_compression and not adaptable:
+            raise ValueError("`adaptive_compression=True` needs a PowerSGD or top-k compressor (it adapts the rank "
+                             f"or density), got compressor={compressor!r}.")
+        super().__init__(**kwargs)
+        self.inner_steps = inner_steps
+        self.outer_optimizer = outer_optimizer
+        self.outer_lr = float(outer_lr)
+        self.outer_momentum = float(outer_momentum)
+        self.overlap = overlap
+        self.adaptive_compression = adaptive_compression
+        self.fragments = fragments
+        name = compressor if isinstance(compressor, str) else getattr(self.compressor, "name", "")
+        self.compression_bounds = compression_bounds or DEFAULT_BOUNDS.get(str(name).lower(), (1.0, 64.0))
+        self.rounds = 0
+        self._fragments: list[_Fragment] = []
+        self._overlap_comm: Communicator | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._last_relative_error = 0.0
+
+    # ------------------------------------------------------------------ set-up
+
+    def _check_supported(self, trainer: pl.Trainer) -> None:
+        if len(self.optimizers) != 1:
+            raise MisconfigurationException(
+                f"DiLoCoStrategy supports exactly one (inner) optimizer, got {len(self.optimizers)}."
+            )
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        super().setup(trainer)
+        if not self._fragments:
+            self._build_fragments()
+        if self.overlap and self.comm.active and self._overlap_comm is None:
+            # A dedicated group, so background averages never interleave with the main thread's collectives.
+            group = dist.new_group(backend=dist.get_backend())
+            self._overlap_comm = Communicator(group, ledger=self.comm.ledger, overlapped=True)
+
+    def _build_fragments(self) -> None:
+        named = list(self._named_trainable_params())
+        groups = D.split_fragments([p.numel() for _, p in named], self.fragments)
+        pin = any(p.is_cuda for _, p in named)
+        for f, indices in enumerate(groups):
+            params = [named[i][1] for i in indices]
+            global_params = [_cpu_copy(p, pin) for p in params]
+            outer = torch.optim.SGD(global_params, lr=self.outer_lr, momentum=self.outer_momentum,
+                                    nesterov=self.outer_optimizer == "nesterov" and self.outer_momentum > 0)
+            self._fragments.append(_Fragment(
+                names=[named[i][0] for i in indices], params=params, global_params=global_params, outer=outer,
+                next_sync=D.first_sync_step(f, self.inner_steps, self.fragments),
+                start=[p.detach().clone() for p in params] if self.overlap else None,
+            ))
+
+    def _hook_allreduces(self) -> bool:
+        return False
+
+    # ------------------------------------------------------------------ syncing
+
+    def _after_optimizer_step(self) -> None:
+        for f, frag in enumerate(self._fragments):
+            if self.optimizer_steps == frag.next_sync:
+                self._sync(frag, f)
+                frag.next_sync += self.inner_steps
+
+    def _sync(self, frag: _Fragment, index: int) -> None:
+        self.rounds += 1
+        with torch.no_grad():
+            if self.overlap:
+                self._sync_overlapped(frag, index)
+            else:
+                delta = [g.to(p.device) - p.float() for g, p in zip(frag.global_params, frag.params)]
+                averaged = self._average(delta, frag, self.comm)
+                self._outer_step(frag, averaged)
+                for p, g in zip(frag.params, frag.global_params):
+                    p.copy_(g.to(p.device, p.dtype))
+
+    def _sync_overlapped(self, frag: _Fragment, index: int) -> None:
+        assert frag.start is not None
+        progress = D.pseudo_gradients(frag.start, frag.params)
+        if frag.pending is not None:
+            self._outer_step(frag, frag.pending.wait())
+            frag.pending = None
+        frag.pending = self._start_average([d.clone() for d in progress], frag)
+        for p, g, d, s in zip(frag.params, frag.global_params, progress, frag.start):
+            p.copy_((g.to(p.device) - d).to(p.dtype))
+            s.copy_(p)
+
+    def _average(self, tensors: list[Tensor], frag: _Fragment, comm: Communicator) -> list[Tensor]:
+        if self.compressor is None:
+            all_reduce_mean_coalesced_(tensors, comm, tag="pseudo_grad")
+            return tensors
+        inputs = [t.clone() for t in tensors] if self.adaptive_compression else None
+        residuals_before = {n: r.clone() for n, r in self.compressor.residuals.items()} if inputs else {}
+        self.compressor.reduce_(tensors, frag.names, comm, tag="pseudo_grad")
+        self.compressor.end_iteration()
+        if inputs is not None:
+            compensated = [i + residuals_before.get(n, torch.zeros_like(i)) for i, n in zip(inputs, frag.names)]
+            residuals = [self.compressor.residuals.get(n, torch.zeros_like(i)) for i, n in zip(inputs, frag.names)]
+            self._adapt([c - r for c, r in zip(compensated, residuals)], compensated, comm)
+        return tensors
+
+    def _start_average(self, tensors: list[Tensor], frag: _Fragment) -> _Pending:
+        comm = self._overlap_comm or self.comm
+        comm.step = self.optimizer_steps
+        if self.compressor is None:
+            flat = torch.cat([t.reshape(-1) for t in tensors])
+            views = list(torch.split(flat, [t.numel() for t in tensors]))
+            views = [v.view_as(t) for v, t in zip(views, tensors)]
+            work = comm.all_reduce_async(flat, tag="pseudo_grad") if comm.active else None
+            return _Pending(views, flat=flat, work=work, world=comm.world_size)
+        if self._executor is None:
+            # One worker: background averages (of several fragments) run in submission order, the same on
+            # every rank, so their collectives never interleave.
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diloco-average")
+        return _Pending(tensors, future=self._executor.submit(self._average, tensors, frag, comm))
+
+    def _outer_step(self, frag: _Fragment, averaged: list[Tensor]) -> None:
+        for g, d in zip(frag.global_params, averaged):
+            g.grad = d.detach().to(g.device, torch.float32)
+        frag.outer.step()
+        frag.outer.zero_grad(set_to_none=True)
+
+    def _adapt(self, approx: list[Tensor], compensated: list[Tensor], comm: Communicator) -> None:
+        error = torch.tensor([D.relative_error(compensated, approx)])
+        if comm.active:
+            dist.all_reduce(error, group=comm.group)
+            error /= comm.world_size
+        self._last_relative_error = float(error)
+        level = D.adapt_level(self.compressor_level, self._last_relative_error, *ADAPTIVE_THRESHOLDS,
+                              bounds=self.compression_bounds)
+        self.compressor_level = level
+
+    @property
+    def compressor_level(self) -> float:
+        return float(self.compressor.level) if self.compressor is not None else 1.0
+
+    @compressor_level.setter
+    def compressor_level(self, level: float) -> None:
+        compressor: Any = self.compressor
+        if hasattr(compressor, "rank"):
+            compressor.rank = round(level)
+        elif hasattr(compressor, "density"):
+            compressor.density = float(level)
+
+    def _extra_metrics(self) -> dict[str, float]:
+        metrics = {"diloco/rounds": float(self.rounds)}
+        if self.compressor is not None:
+            metrics["diloco/compression_level"] = self.compressor_level
+            if self.adaptive_compression:
+                metrics["diloco/compression_error"] = self._last_relative_error
+        return metrics
+
+    def teardown(self) -> None:
+        if self._executor is not None:
+            self._finish_pending()
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        super().teardown()
+
+    def global_state_dict(self) -> dict[str, Tensor]:
+        """The consensus (global) parameters by name, fp32 on the CPU."""
+        return {n: g for frag in self._fragments for n, g in zip(frag.names, frag.global_params)}
+
+    # ------------------------------------------------------------------ checkpointing
+
+    def _finish_pending(self) -> None:
+        for frag in self._fragments:
+            if frag.pending is not None:
+                frag.pending = _Pending(frag.pending.wait())
+
+    def _shared_state(self) -> dict[str, Any]:
+        self._finish_pending()
+        return {
+            "rounds": self.rounds,
+            "level": self.compressor_level,
+            "fragments": [
+                {"global": frag.global_params, "outer": frag.outer.state_dict(), "next_sync": frag.next_sync,
+                 "pending": frag.pending.wait() if frag.pending is not None else None}
+                for frag in self._fragments
+            ],
+        }
+
+    def _load_shared_state(self, state: dict[str, Any]) -> None:
+        if len(state["fragments"]) != len(self._fragments):
+            raise ValueError(f"DiLoCoStrategy: the checkpoint has {len(state['fragments'])} fragments, this run "
+                             f"{len(self._fragments)}; resume with the same `fragments`.")
+        self.rounds = int(state["rounds"])
+        if self.compressor is not None:
+            self.compressor_level = float(state["level"])
+        for frag, saved in zip(self._fragments, state["fragments"]):
+            for g, s in zip(frag.global_params, saved["global"]):
+                g.copy_(s)
+            frag.outer.load_state_dict(saved["outer"])
+            frag.next_sync = int(saved["next_sync"])
+            frag.pending = _Pending([t.clone() for t in saved["pending"]]) if saved["pending"] is not None else None
+
+    def _rank_state(self) -> dict[str, Any]:
+        assert self.lightning_module is not None
+        state: dict[str, Any] = {
+            "module": self.lightning_module.state_dict(),
+            "optimizer_states": [opt.state_dict() for opt in self.optimizers],
+        }
+        if self.overlap:
+            state["starts"] = [frag.start for frag in self._fragments]
+        if self.compressor is not None:
+            state["compressor"] = self.compressor.state_dict()
+        return state
+
+    def _load_rank_state(self, state: dict[str, Any]) -> None:
+        if "starts" in state:
+            for frag, starts in zip(self._fragments, state["starts"]):
+                assert frag.start is not None
+                for s, saved in zip(frag.start, starts):
+                    s.copy_(saved)
+        if "compressor" in state and self.compressor is not None:
+            self.compressor.load_state_dict(state["compressor"])
+
+
+def _cpu_copy(p: Tensor, pin: bool) -> Tensor:
+    copy = p.detach().to("cpu", torch.float32, copy=True)
+    return copy.pin_memory() if pin else copy
+
+
+def _build_compressor(compressor: str | Compressor | None, error_feedback: bool,
+                      options: dict[str, Any] | None) -> Compressor | None:
+    if compressor is None:
+        if options:
+            raise ValueError("`compressor_options` given without a `compressor`.")
+        return None
+    if isinstance(compressor, Compressor):
+        return compressor
+    if not isinstance(compressor, str) or compressor.lower() not in COMPRESSORS:
+        raise ValueError(f"`compressor` must be None, a Compressor or one of {sorted(COMPRESSORS)}, got "
+                         f"compressor={compressor!r}.")
+    opts = dict(options or {})
+    if compressor.lower() not in ("fp16", "bf16"):
+        opts.setdefault("error_feedback", error_feedback)
+    return get_compressor(compressor, **opts)
