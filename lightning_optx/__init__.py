@@ -8,7 +8,14 @@ Add a callback to your ``Trainer`` and leave your ``LightningModule`` unmodified
     trainer = L.Trainer(callbacks=[Grokfast(filter="ema", alpha=0.98, lamb=2.0)])
 """
 
-from lightning_optx.callbacks import DropoutSchedule, EarlyDropout, GradES, Grokfast, LateDropout
+from lightning_optx.callbacks import (
+    DropoutSchedule,
+    EarlyDropout,
+    GradES,
+    GradientSurgery,
+    Grokfast,
+    LateDropout,
+)
 from lightning_optx.strategies import CompressedDDPStrategy, DiLoCoStrategy, LocalSGDStrategy
 
 __version__ = "0.1.0"
@@ -19,6 +26,7 @@ __all__ = [
     "DropoutSchedule",
     "EarlyDropout",
     "GradES",
+    "GradientSurgery",
     "Grokfast",
     "LateDropout",
     "LocalSGDStrategy",

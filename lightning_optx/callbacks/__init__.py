@@ -2,6 +2,7 @@
 
 from lightning_optx.callbacks.dropout import DropoutSchedule, EarlyDropout, LateDropout
 from lightning_optx.callbacks.grades import GradES
+from lightning_optx.callbacks.gradient_surgery import GradientSurgery
 from lightning_optx.callbacks.grokfast import Grokfast
 
-__all__ = ["DropoutSchedule", "EarlyDropout", "GradES", "Grokfast", "LateDropout"]
+__all__ = ["DropoutSchedule", "EarlyDropout", "GradES", "GradientSurgery", "Grokfast", "LateDropout"]

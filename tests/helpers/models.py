@@ -231,6 +231,9 @@ class MultiTaskModule(pl.LightningModule):
         self.save_hyperparameters()
         self.trunk = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh())
         self.heads = nn.ModuleDict({f"task{t}": nn.Linear(16, 1) for t in range(tasks)})
+        with torch.no_grad():  # identical heads + opposite targets: the tasks pull the trunk in opposite ways
+            for head in list(self.heads.values())[1:]:
+                head.load_state_dict(self.heads["task0"].state_dict())
 
     def task_losses(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         h = self.trunk(x)

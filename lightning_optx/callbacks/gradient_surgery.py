@@ -1,0 +1,289 @@
+"""Gradient surgery for multi-task learning (PCGrad, CAGrad, SAM-GS, GCond, sum, mean) as one callback."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from torch import Tensor, nn
+from torch.nn import Parameter
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+
+from lightning_optx.distributed import Communicator, all_reduce_mean_coalesced_
+from lightning_optx.functional import surgery as S
+
+SharedSpec = nn.Module | Sequence[Parameter] | Sequence[str] | None
+
+
+class GradientSurgery(Callback):
+    """Combine per-task gradients of the shared parameters with a multi-task aggregation method.
+
+    The LightningModule stays ordinary: its ``training_step`` returns a dict with ``"loss"`` and, under
+    ``task_losses_key``, a dict ``{task name: scalar loss}``. For the duration of ``fit`` the callback takes
+    over the module's ``backward``: instead of one backward pass of ``"loss"`` it runs one
+    ``torch.autograd.grad`` per task (T backward passes over the shared trunk, each also reaching that task's
+    own parameters), which is the minimum the methods need. Task-specific parameters (reached by one task)
+    receive their own task's gradient unchanged; the shared ones (reached by several tasks, found by walking
+    the autograd graph once, or given as ``shared``) receive the aggregate of the per-task gradients.
+
+    Gradient accumulation: per-task gradients are summed over the micro-batches and aggregated once, at the
+    last micro-batch of the optimizer step. AMP: the aggregation sees unscaled gradients and writes its result
+    back in the loss scale, before the grad scaler unscales and checks for inf; a non-finite step leaves the
+    method's state untouched and the scaler skips it. DDP: DDP's own all-reduce is switched off; each task's
+    gradient (and every task-specific gradient) is averaged across ranks in one coalesced all-reduce before
+    aggregation, so every rank applies the same update, equal to surgery on the global batch. That costs
+    ``T x shared + task-specific`` floats per step instead of DDP's ``all parameters``; the bytes are logged.
+
+    ``"loss"`` is used for logging only: terms of it that are not task losses (a regulariser) are not
+    optimised under surgery; make them a task, or add them to every task's loss.
+
+    Args:
+        method: ``"pcgrad"``, ``"cagrad"``, ``"sam_gs"``, ``"gcond"``, ``"sum"`` or ``"mean"``.
+        task_losses_key: the key of the per-task loss dict in ``training_step``'s output.
+        shared: the shared parameters: a module, a list of parameters or a list of regular expressions over
+            parameter names; ``None`` finds them (those reached by more than one task loss).
+        **method_options: options of the method (CAGrad ``c``; SAM-GS ``gamma``, ``beta1``, ``beta2``; GCond
+            settings; PCGrad ``seed``), see :mod:`lightning_optx.functional.surgery`.
+
+    Examples:
+        >>> from lightning_optx import GradientSurgery
+        >>> cb = GradientSurgery("pcgrad")
+        >>> cb = GradientSurgery("cagrad", c=0.4, task_losses_key="losses")
+    """
+
+    def __init__(self, method: str = "pcgrad", task_losses_key: str = "task_losses", shared: SharedSpec = None,
+                 **method_options: Any) -> None:
+        if method not in S.METHODS:
+            raise ValueError(f"`method` must be one of {S.METHODS}, got method={method!r}.")
+        if not isinstance(task_losses_key, str) or not task_losses_key:
+            raise ValueError(f"`task_losses_key` must be a non-empty string, got task_losses_key={task_losses_key!r}.")
+        self.method = method
+        self.task_losses_key = task_losses_key
+        self.shared_spec = shared
+        self.method_options = dict(method_options)
+        self.aggregator = S.make_aggregator(method, **method_options)
+        self.comm = Communicator()
+        self.skipped_nonfinite_steps = 0
+
+        self._task_names: list[str] | None = None
+        self._shared: list[tuple[str, Parameter]] = []
+        self._specific: dict[str, list[tuple[str, Parameter]]] = {}
+        self._task_losses: dict[str, Tensor] | None = None
+        self._buffers: Tensor | None = None  # (T, n_shared), summed over micro-batches, in the loss scale
+        self._last_micro_batch = True
+        self._metrics: dict[str, float] = {}
+        self._originals: dict[str, Callable[..., Any]] = {}
+        self._trainer: pl.Trainer | None = None
+        self._bytes_before = 0
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(method=self.method, task_losses_key=self.task_losses_key)
+
+    # ------------------------------------------------------------------ set-up and tear-down
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not pl_module.automatic_optimization:
+            raise ValueError("GradientSurgery needs automatic optimization: it replaces the backward pass Lightning "
+                             "runs; with manual optimization call `lightning_optx.functional.surgery` yourself.")
+        strategy = trainer.strategy
+        if type(strategy) not in (SingleDeviceStrategy, DDPStrategy):
+            raise ValueError(f"GradientSurgery supports single-device training and Lightning's DDPStrategy, got "
+                             f"{type(strategy).__name__}: it averages each task's gradient across ranks itself.")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trainer = trainer
+        self._originals = {"training_step": pl_module.training_step, "backward": pl_module.backward}
+        pl_module.training_step = self._capturing_training_step(pl_module.training_step)  # type: ignore[method-assign]
+        pl_module.backward = self._per_task_backward  # type: ignore[method-assign]
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore(pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore(pl_module)
+
+    def _restore(self, pl_module: pl.LightningModule) -> None:
+        for name in self._originals:
+            pl_module.__dict__.pop(name, None)  # drop the instance attribute; the class method shows again
+        self._originals = {}
+
+    # ------------------------------------------------------------------ per micro-batch
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        model = trainer.strategy.model
+        if isinstance(model, DistributedDataParallel):
+            model.require_backward_grad_sync = False  # we average per-task gradients ourselves
+        accumulate = trainer.accumulate_grad_batches
+        is_last_batch = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        self._last_micro_batch = (batch_idx + 1) % accumulate == 0 or is_last_batch
+
+    def _capturing_training_step(self, step: Callable[..., Any]) -> Callable[..., Any]:
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            output = step(*args, **kwargs)
+            self._task_losses = self._validated_task_losses(output)
+            return output
+
+        return training_step
+
+    def _validated_task_losses(self, output: Any) -> dict[str, Tensor]:
+        key = self.task_losses_key
+        if not isinstance(output, dict) or key not in output:
+            got = sorted(output) if isinstance(output, dict) else type(output).__name__
+            raise ValueError(f"GradientSurgery: training_step must return a dict with 'loss' and {key!r} "
+                             f"(a dict task name -> scalar loss); got {got}.")
+        losses = output[key]
+        if not isinstance(losses, dict) or len(losses) < 2:
+            raise ValueError(f"GradientSurgery: output[{key!r}] must be a dict of at least 2 task losses, got "
+                             f"{len(losses) if isinstance(losses, dict) else type(losses).__name__}.")
+        for name, value in losses.items():
+            if not isinstance(value, Tensor) or value.numel() != 1:
+                shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"GradientSurgery: task loss {name!r} must be a scalar tensor, got {shape}.")
+        if self._task_names is not None and list(losses) != self._task_names:
+            raise ValueError(f"GradientSurgery: the tasks changed from {self._task_names} to {list(losses)}.")
+        return dict(losses)
+
+    def _per_task_backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        """Replaces ``LightningModule.backward``: one ``autograd.grad`` per task instead of ``loss.backward()``."""
+        assert self._trainer is not None
+        losses = self._task_losses
+        if losses is None:
+            raise RuntimeError("GradientSurgery: backward was called without a training_step output to split.")
+        self._task_losses = None
+        if self._task_names is None:
+            self._discover_parameters(losses)
+        scale = self._loss_scale() / self._trainer.accumulate_grad_batches
+        shared_params = [p for _, p in self._shared]
+        per_task: list[Tensor] = []
+        names = list(losses)
+        for i, name in enumerate(names):
+            own = [p for _, p in self._specific[name]]
+            grads = torch.autograd.grad(losses[name].reshape(()) * scale, shared_params + own,
+                                        retain_graph=i < len(names) - 1, allow_unused=True)
+            per_task.append(_flatten(grads[: len(shared_params)], shared_params))
+            for p, g in zip(own, grads[len(shared_params):]):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad + g
+        stacked = torch.stack(per_task)
+        self._buffers = stacked if self._buffers is None else self._buffers + stacked
+        if self._last_micro_batch:
+            self._aggregate_into_grads()
+
+    # ------------------------------------------------------------------ once per optimizer step
+
+    def _aggregate_into_grads(self) -> None:
+        assert self._trainer is not None and self._buffers is not None
+        buffers, self._buffers = self._buffers, None
+        specific = [p.grad for ps in self._specific.values() for _, p in ps if p.grad is not None]
+        all_reduce_mean_coalesced_([buffers, *specific], self.comm, tag="task_grads")
+        scale = self._loss_scale()
+        task_grads = buffers / scale
+        if not bool(torch.isfinite(task_grads).all()):
+            self.skipped_nonfinite_steps += 1  # the grad scaler skips this step; leave the method's state alone
+            combined = buffers.sum(0)
+        else:
+            self._metrics = self._surgery_metrics(task_grads)
+            combined = self.aggregator(task_grads, self._trainer.global_step).to(buffers.dtype) * scale
+        _unflatten_into_grads(combined, [p for _, p in self._shared])
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: Optimizer) -> None:
+        if self._metrics:
+            pl_module.log_dict(self._metrics, on_step=True, on_epoch=False)
+            self._metrics = {}
+
+    def _surgery_metrics(self, task_grads: Tensor) -> dict[str, float]:
+        norms = S.task_norms(task_grads).tolist()
+        metrics = {"surgery/conflict_rate": float(S.conflict_rate(task_grads))}
+        assert self._task_names is not None
+        metrics.update({f"surgery/grad_norm/{n}": float(v) for n, v in zip(self._task_names, norms)})
+        metrics["surgery/bytes_per_step"] = float(self.comm.ledger.total_bytes - self._bytes_before)
+        self._bytes_before = self.comm.ledger.total_bytes
+        return metrics
+
+    def _loss_scale(self) -> float:
+        assert self._trainer is not None
+        scaler = getattr(self._trainer.precision_plugin, "scaler", None)
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+    # ------------------------------------------------------------------ which parameters are shared
+
+    def _discover_parameters(self, losses: dict[str, Tensor]) -> None:
+        assert self._trainer is not None and self._trainer.lightning_module is not None
+        module = self._trainer.lightning_module
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        reached = {task: _leaves_reached(loss) for task, loss in losses.items()}
+        shared_ids = self._shared_ids(named, reached)
+        self._shared = [(n, p) for n, p in named if id(p) in shared_ids]
+        if not self._shared:
+            raise ValueError(
+                "GradientSurgery found no shared parameter: no trainable parameter is reached by more than one "
+                f"task loss among {list(losses)}" + (" and `shared` matched none." if self.shared_spec else ".")
+            )
+        self._specific = {task: [(n, p) for n, p in named if id(p) in ids and id(p) not in shared_ids]
+                          for task, ids in reached.items()}
+        self._task_names = list(losses)
+
+    def _shared_ids(self, named: list[tuple[str, Parameter]], reached: dict[str, set[int]]) -> set[int]:
+        spec = self.shared_spec
+        if spec is None:
+            counts: dict[int, int] = {}
+            for ids in reached.values():
+                for i in ids:
+                    counts[i] = counts.get(i, 0) + 1
+            return {i for i, c in counts.items() if c > 1}
+        if isinstance(spec, nn.Module):
+            return {id(p) for p in spec.parameters()}
+        items = list(spec)
+        if all(isinstance(s, str) for s in items):
+            patterns = [re.compile(s) for s in items]
+            return {id(p) for n, p in named if any(pat.search(n) for pat in patterns)}
+        return {id(p) for p in items}
+
+    # ------------------------------------------------------------------ checkpointing
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"aggregator": self.aggregator.state_dict(), "skipped_nonfinite_steps": self.skipped_nonfinite_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.aggregator.load_state_dict(state_dict["aggregator"])
+        self.skipped_nonfinite_steps = int(state_dict["skipped_nonfinite_steps"])
+
+
+def _leaves_reached(loss: Tensor) -> set[int]:
+    """ids of the leaf tensors (parameters) the autograd graph of ``loss`` reaches."""
+    seen: set[Any] = set()
+    leaves: set[int] = set()
+    stack = [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)
+        if variable is not None:
+            leaves.add(id(variable))
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return leaves
+
+
+def _flatten(grads: Sequence[Tensor | None], params: Sequence[Parameter]) -> Tensor:
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+
+
+def _unflatten_into_grads(flat: Tensor, params: Sequence[Parameter]) -> None:
+    offset = 0
+    for p in params:
+        piece = flat[offset: offset + p.numel()].view_as(p).to(p.dtype)
+        p.grad = piece.clone() if p.grad is None else p.grad.copy_(piece)
+        offset += p.numel()

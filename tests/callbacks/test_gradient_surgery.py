@@ -1,0 +1,171 @@
+"""GradientSurgery in a real Trainer: contract errors, equivalences, accumulation, DDP, resume."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lightning_optx import GradientSurgery
+from tests.helpers import TrainJob, assert_ranks_identical, check_resume_equivalence, run_job
+from tests.helpers.models import MultiTaskModule
+
+N_SHARED = 8 * 16 + 16 + 16 * 16 + 16
+N_HEAD = 16 + 1
+
+
+class FirstStepGrads(Callback):
+    """Keeps the gradients the optimizer is about to apply at the first step."""
+
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == 0:
+            self.grads = {n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+
+
+def first_grads(trainer, module):
+    return next(c for c in trainer.callbacks if isinstance(c, FirstStepGrads)).grads
+
+
+def job(callbacks, module=None, epochs=2, **trainer_kwargs):
+    return TrainJob(module=module or functools.partial(MultiTaskModule), callbacks=callbacks,
+                    trainer_kwargs={"max_epochs": epochs, **trainer_kwargs})
+
+
+# ---------------------------------------------------------------- contract errors
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match=r"`method` must be one of .*got method='magic'"):
+        GradientSurgery("magic")
+
+
+class NoTaskLosses(MultiTaskModule):
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx)["loss"]
+
+
+class VectorTaskLoss(MultiTaskModule):
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        out["task_losses"]["task0"] = out["task_losses"]["task0"].expand(3)
+        return out
+
+
+class OneTask(MultiTaskModule):
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        out["task_losses"] = {"task0": out["task_losses"]["task0"]}
+        return out
+
+
+class Manual(MultiTaskModule):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+
+@pytest.mark.parametrize(("module", "kwargs", "pattern"), [
+    (NoTaskLosses, {}, r"training_step must return a dict with 'loss' and 'task_losses'.*got Tensor"),
+    (VectorTaskLoss, {}, r"task loss 'task0' must be a scalar tensor, got \(3,\)"),
+    (OneTask, {}, r"must be a dict of at least 2 task losses, got 1"),
+    (MultiTaskModule, {"shared": ["nothing"]}, r"found no shared parameter.*`shared` matched none"),
+    (Manual, {}, r"needs automatic optimization"),
+])
+def test_contract_errors_name_what_is_wrong(module, kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        run_job(job([GradientSurgery("pcgrad", **kwargs)], module=module, epochs=1))
+
+
+# ---------------------------------------------------------------- what the optimizer receives
+
+
+def test_sum_equals_plain_training():
+    [surgery] = run_job(job([GradientSurgery("sum")]))
+    [plain] = run_job(job([]))
+    for n, p in plain.params.items():
+        torch.testing.assert_close(surgery.params[n], p, rtol=1e-6, atol=1e-7)
+
+
+def test_mean_gives_the_mean_to_shared_and_own_gradients_to_heads():
+    [r] = run_job(TrainJob(module=MultiTaskModule, callbacks=[GradientSurgery("mean"), FirstStepGrads()],
+                           trainer_kwargs={"max_steps": 1}, inspect=first_grads))
+    torch.manual_seed(7)
+    import lightning.pytorch as pl
+
+    pl.seed_everything(7, verbose=False)
+    model = MultiTaskModule()
+    x, y = next(iter(model.train_dataloader()))
+    losses = model.task_losses(x, y)
+    shared = list(model.trunk.parameters())
+    mean_grads = torch.autograd.grad(torch.stack(list(losses.values())).mean(), shared, retain_graph=True)
+    for (n, _), g in zip(model.trunk.named_parameters(), mean_grads):
+        torch.testing.assert_close(r.inspected[f"trunk.{n}"], g, rtol=1e-6, atol=1e-7)
+    for t in ("task0", "task1"):
+        own = torch.autograd.grad(losses[t], list(model.heads[t].parameters()), retain_graph=True)
+        for (n, _), g in zip(model.heads[t].named_parameters(), own):
+            torch.testing.assert_close(r.inspected[f"heads.{t}.{n}"], g, rtol=1e-6, atol=1e-7)
+
+
+def test_pcgrad_changes_training_and_logs_conflicts():
+    [pc] = run_job(job([GradientSurgery("pcgrad")]))
+    [plain] = run_job(job([GradientSurgery("sum")]))
+    assert not torch.allclose(pc.params["trunk.0.weight"], plain.params["trunk.0.weight"])
+    rates = pc.series("surgery/conflict_rate")
+    assert len(rates) == pc.global_step and max(rates) == 1.0  # the two targets are built to conflict
+    assert len(pc.series("surgery/grad_norm/task1")) == pc.global_step
+
+
+def test_accumulation_does_surgery_on_accumulated_task_gradients():
+    accumulated = functools.partial(MultiTaskModule, batch_size=4)
+    [acc] = run_job(job([GradientSurgery("pcgrad")], module=accumulated, accumulate_grad_batches=2))
+    [full] = run_job(job([GradientSurgery("pcgrad")]))
+    assert acc.global_step == full.global_step == 16
+    for n, p in full.params.items():
+        torch.testing.assert_close(acc.params[n], p, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_mixed():
+    [r] = run_job(job([GradientSurgery("cagrad")], precision="bf16-mixed"))
+    assert all(torch.isfinite(p).all() for p in r.params.values())
+
+
+@pytest.mark.parametrize("method", ["sam_gs", "gcond", "pcgrad"])
+def test_resume_is_bit_exact(tmp_path, method):
+    module = functools.partial(MultiTaskModule, optimizer="adamw", lr=1e-2)
+    check_resume_equivalence(job([GradientSurgery(method)], module=module), total_epochs=3, split_epoch=1,
+                             tmp_dir=str(tmp_path))
+
+
+# ---------------------------------------------------------------- 2-rank DDP
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("method", ["pcgrad", "cagrad"])
+def test_ddp_equals_surgery_on_the_global_batch(method):
+    sharded = functools.partial(MultiTaskModule, batch_size=4, shard_in_order=True)
+    ranks = run_job(job([GradientSurgery(method)], module=sharded, use_distributed_sampler=False), world_size=2)
+    [single] = run_job(job([GradientSurgery(method)]))
+    assert_ranks_identical(ranks)
+    for n, p in single.params.items():
+        torch.testing.assert_close(ranks[0].params[n], p, rtol=1e-5, atol=1e-6)
+    # each task's shared gradient plus every head's, in fp32, once per step
+    assert ranks[0].series("surgery/bytes_per_step")[-1] == 4 * (2 * N_SHARED + 2 * N_HEAD)
+
+
+@pytest.mark.multiprocess
+def test_ddp_resume_with_stateful_method(tmp_path):
+    module = functools.partial(MultiTaskModule, optimizer="adamw", lr=1e-2)
+    straight, _ = check_resume_equivalence(job([GradientSurgery("sam_gs")], module=module), total_epochs=3,
+                                           split_epoch=1, tmp_dir=str(tmp_path), world_size=2)
+    assert_ranks_identical(straight)
+    assert_ranks_identical(straight, "callback_states")
+
+
+def test_unsupported_strategy_is_refused():
+    with pytest.raises(ValueError, match="GradientSurgery supports single-device training and Lightning's DDPStrategy"):
+        run_job(job([GradientSurgery("pcgrad")], epochs=1, strategy="local_sgd"))
