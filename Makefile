@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install $(TORCH_PIP_ARGS) "$(TORCH)"
-	$(PIP) install -e ".[examples,dev,docs]"
+	$(PIP) install -e ".[examples,privacy,dev,docs]"
 	@$(BIN)/python -c "import torch; print('torch', torch.__version__, '| CUDA build:', torch.version.cuda)"
 	touch $(STAMP)
 
