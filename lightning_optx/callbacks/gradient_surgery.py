@@ -80,7 +80,7 @@ class GradientSurgery(Callback):
         self._metrics: dict[str, float] = {}
         self._originals: dict[str, Callable[..., Any]] = {}
         self._trainer: pl.Trainer | None = None
-        self._bytes_before = 0
+        self._sync_bytes = 0
 
     @property
     def state_key(self) -> str:
@@ -185,15 +185,21 @@ class GradientSurgery(Callback):
         assert self._trainer is not None and self._buffers is not None
         buffers, self._buffers = self._buffers, None
         specific = [p.grad for ps in self._specific.values() for _, p in ps if p.grad is not None]
+        before = self.comm.ledger.total_bytes
         all_reduce_mean_coalesced_([buffers, *specific], self.comm, tag="task_grads")
+        self._sync_bytes = self.comm.ledger.total_bytes - before
         scale = self._loss_scale()
-        task_grads = buffers / scale
-        if not bool(torch.isfinite(task_grads).all()):
+        task_grads = buffers / scale if scale != 1.0 else buffers
+        # Only a grad scaler (fp16) produces steps it will skip; elsewhere inf/NaN means divergence anyway.
+        if scale != 1.0 and not bool(torch.isfinite(task_grads).all()):
             self.skipped_nonfinite_steps += 1  # the grad scaler skips this step; leave the method's state alone
             combined = buffers.sum(0)
         else:
-            self._metrics = self._surgery_metrics(task_grads)
-            combined = self.aggregator(task_grads, self._trainer.global_step).to(buffers.dtype) * scale
+            if self._trainer.global_step % int(getattr(self._trainer, "log_every_n_steps", 50)) == 0:
+                self._metrics = self._surgery_metrics(task_grads)
+            combined = self.aggregator(task_grads, self._trainer.global_step).to(buffers.dtype)
+            if scale != 1.0:
+                combined = combined * scale
         _unflatten_into_grads(combined, [p for _, p in self._shared])
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -203,12 +209,13 @@ class GradientSurgery(Callback):
             self._metrics = {}
 
     def _surgery_metrics(self, task_grads: Tensor) -> dict[str, float]:
-        norms = S.task_norms(task_grads).tolist()
-        metrics = {"surgery/conflict_rate": float(S.conflict_rate(task_grads))}
+        """Computed only on steps the logger writes (``log_every_n_steps``): one float32 T x T product."""
+        rate, norm_tensor = S.conflict_stats(task_grads)
+        norms = norm_tensor.tolist()
+        metrics = {"surgery/conflict_rate": float(rate)}
         assert self._task_names is not None
         metrics.update({f"surgery/grad_norm/{n}": float(v) for n, v in zip(self._task_names, norms)})
-        metrics["surgery/bytes_per_step"] = float(self.comm.ledger.total_bytes - self._bytes_before)
-        self._bytes_before = self.comm.ledger.total_bytes
+        metrics["surgery/bytes_per_step"] = float(self._sync_bytes)
         return metrics
 
     def _loss_scale(self) -> float:

@@ -153,6 +153,18 @@ def conflict_rate(grads: Tensor) -> Tensor:
     return (gram[rows, cols] < 0).to(torch.float32).mean()
 
 
+def conflict_stats(grads: Tensor) -> tuple[Tensor, Tensor]:
+    """``(conflict rate, task norms)`` from ONE float32 ``T x T`` product: the cheap monitoring path.
+
+    Signs of inner products near zero may differ from :func:`conflict_rate`'s float64 Gramian; for logging.
+    """
+    check_grads(grads)
+    g = grads.float()
+    gram = g @ g.T
+    rows, cols = torch.triu_indices(gram.shape[0], gram.shape[0], offset=1, device=gram.device)
+    return (gram[rows, cols] < 0).to(torch.float32).mean(), gram.diagonal().clamp_min(0).sqrt()
+
+
 def aggregate_sum(grads: Tensor) -> Tensor:
     """The plain sum of the task gradients (``grads.sum(0)``), the baseline of linear scalarisation."""
     check_grads(grads)
