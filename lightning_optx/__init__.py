@@ -9,6 +9,7 @@ Add a callback to your ``Trainer`` and leave your ``LightningModule`` unmodified
 """
 
 from lightning_optx.callbacks import (
+    DifferentialPrivacy,
     DropoutSchedule,
     EarlyDropout,
     GradES,
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CompressedDDPStrategy",
     "DiLoCoStrategy",
+    "DifferentialPrivacy",
     "DropoutSchedule",
     "EarlyDropout",
     "GradES",
