@@ -96,7 +96,11 @@ def fixed_job(strategy, steps=8):
                     trainer_kwargs={"max_epochs": 1, "use_distributed_sampler": False, "deterministic": False})
 
 
-@pytest.mark.parametrize(("nesterov", "momentum", "lr"), [(True, 0.9, 0.7), (False, 0.0, 0.7), (False, 0.5, 1.0)])
+@pytest.mark.parametrize(("nesterov", "momentum", "lr"), [
+    (True, 0.9, 0.7),
+    pytest.param(False, 0.0, 0.7, marks=pytest.mark.slow),
+    pytest.param(False, 0.5, 1.0, marks=pytest.mark.slow),
+])
 @pytest.mark.parametrize("overlap", [False, True])
 def test_closed_form_trace(nesterov, momentum, lr, overlap):
     strategy = DiLoCoStrategy(inner_steps=2, outer_optimizer="nesterov" if nesterov else "sgd", outer_lr=lr,
@@ -197,7 +201,7 @@ def test_fragments_stagger_syncs_and_split_the_bytes():
 
 
 @pytest.mark.parametrize("strategy", [
-    DiLoCoStrategy(inner_steps=3),
+    pytest.param(DiLoCoStrategy(inner_steps=3), marks=pytest.mark.slow),
     DiLoCoStrategy(inner_steps=4, overlap=True, fragments=2),
     DiLoCoStrategy(inner_steps=4, overlap=True, compressor="powersgd", compressor_options={"rank": 2},
                    adaptive_compression=True),
