@@ -35,6 +35,7 @@ against step for the three runs.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -234,6 +235,8 @@ def _filter_step(variant: str, model: nn.Module, params: list[nn.Parameter], sta
 
 def _torch_variant(variant: str, cfg: dict[str, Any]) -> dict[str, Any]:
     lm, window, warmup = cfg["lm"], cfg["ma_window"], cfg["warmup_steps"]
+    # MA: time at least a full lap of the ring, so the mean includes the once-per-lap exact re-sum.
+    timed = max(cfg["timed_steps"], window) if variant.endswith("_ma") else cfg["timed_steps"]
     torch.manual_seed(0)
     model = TinyLM(lm["vocab"], lm["dim"], lm["layers"], lm["heads"], lm["seq"])
     params = [p for p in model.parameters() if p.requires_grad]
@@ -242,7 +245,7 @@ def _torch_variant(variant: str, cfg: dict[str, Any]) -> dict[str, Any]:
     state: Any = None
     step_t: list[float] = []
     filt_t: list[float] = []
-    for i in range(warmup + cfg["timed_steps"]):
+    for i in range(warmup + timed):
         x = _lm_batch(lm, gen)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
@@ -274,7 +277,9 @@ def torch_overhead(cfg: dict[str, Any]) -> dict[str, Any]:
     """Plain torch loop: step time, and the filter alone for ours vs the per-parameter references."""
     out: dict[str, Any] = {}
     for variant in ("plain", "ours_ema", "ref_ema", "ours_ma", "ref_ma"):
+        print(f"  timing torch loop: {variant}", flush=True)
         out[variant] = _torch_variant(variant, cfg)
+        gc.collect()
     out["params"] = out["plain"]["params"]
     plain = out["plain"]["step_ms_median"]
     for v in ("ours_ema", "ref_ema", "ours_ma", "ref_ma"):
@@ -331,8 +336,10 @@ def lightning_overhead(cfg: dict[str, Any]) -> dict[str, Any]:
     lm, window = cfg["lm"], cfg["ma_window"]
     out: dict[str, Any] = {}
     for variant in ("plain", "ema", "ma"):
+        print(f"  timing Lightning: {variant}", flush=True)
         skip = cfg["warmup_steps"] + (window if variant == "ma" else 0)
-        steps = skip + cfg["timed_steps"]
+        # MA: time at least a full lap of the ring, so the mean includes the once-per-lap exact re-sum.
+        steps = skip + (max(cfg["timed_steps"], window) if variant == "ma" else cfg["timed_steps"])
         shared: dict[str, Any] = {"steps": [], "hooks": []}
         middle: list[Callback] = []
         if variant == "ema":
@@ -345,6 +352,8 @@ def lightning_overhead(cfg: dict[str, Any]) -> dict[str, Any]:
             callbacks=[_HookTimer(shared, "start"), *middle, _HookTimer(shared, "end")],
         )
         trainer.fit(_LMModule(lm, steps))
+        del trainer, middle
+        gc.collect()
         step_t, hook_t = shared["steps"][skip:], shared["hooks"][skip:]
         out[variant] = {
             "step_ms_median": round(_median_ms(step_t), 2),
@@ -426,6 +435,21 @@ def main(argv: list[str] | None = None) -> None:
         },
     }
 
+    path = RESULTS / f"grokfast{suffix}.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+
+    def save() -> None:
+        """Write the report (after each part, so a later failure keeps what was measured)."""
+        out = dict(report)
+        if args.skip_grokking or args.skip_overhead:
+            # Keep the part that was not re-run from the previous result file.
+            kept = ["grokking"] if args.skip_grokking else ["overhead_torch", "overhead_lightning"]
+            carried = [k for k in kept if k in previous]
+            out.update({k: previous[k] for k in carried})
+            if carried:
+                out["carried_over_from_previous_run"] = carried
+        path.write_text(json.dumps(out, indent=1))
+
     def line(name: str, value: Any) -> None:
         print(f"{name}: {value}", flush=True)
 
@@ -442,6 +466,7 @@ def main(argv: list[str] | None = None) -> None:
         line("budget (steps per run)", cfg["budget"])
         grok, runs = grokking_speedup(cfg)
         report["grokking"] = grok
+        save()
         for name in ("baseline", "ema", "ma"):
             r = grok[name]
             value = r["steps_to_95"] if r["reached"] else f"not reached within budget ({r['steps_run']} steps)"
@@ -462,6 +487,7 @@ def main(argv: list[str] | None = None) -> None:
              f"batch {lm['batch']} x seq {lm['seq']}, AdamW; MA window {cfg['ma_window']}")
         tor = torch_overhead(cfg)
         report["overhead_torch"] = tor
+        save()
         line("overhead model params", tor["params"])
         line("plain_step_ms (torch loop, median)", tor["plain"]["step_ms_median"])
         for v in ("ours_ema", "ref_ema", "ours_ma", "ref_ma"):
@@ -484,8 +510,7 @@ def main(argv: list[str] | None = None) -> None:
         line("target", "callback overhead <= 5% of step time")
 
     report["wall_s"] = round(time.perf_counter() - start, 1)
-    path = RESULTS / f"grokfast{suffix}.json"
-    path.write_text(json.dumps(report, indent=1))
+    save()
     line("wall_s", report["wall_s"])
     line("json", path.relative_to(REPO))
 
