@@ -101,6 +101,7 @@ class OptxDDPStrategy(DDPStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)
         self._check_supported(trainer)
+        self._build_state()
         self._fp32_grad_bytes = sum(p.numel() * 4 for p in self._trainable_params())
         if self._pending_shared_state is not None:
             self._load_shared_state(self._pending_shared_state)
@@ -117,6 +118,9 @@ class OptxDDPStrategy(DDPStrategy):
 
     def _check_supported(self, trainer: pl.Trainer) -> None:
         """Raise a clear error for combinations the strategy cannot honour."""
+
+    def _build_state(self) -> None:
+        """Create the strategy's own state (after the DDP wrap, before a checkpoint's state is loaded into it)."""
 
     # ------------------------------------------------------------------ what subclasses define
 

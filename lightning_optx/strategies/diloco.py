@@ -161,10 +161,12 @@ class DiLoCoStrategy(OptxDDPStrategy):
                 f"DiLoCoStrategy supports exactly one (inner) optimizer, got {len(self.optimizers)}."
             )
 
-    def setup(self, trainer: pl.Trainer) -> None:
-        super().setup(trainer)
+    def _build_state(self) -> None:
         if not self._fragments:
             self._build_fragments()
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        super().setup(trainer)
         if self.overlap and self.comm.active and self._overlap_comm is None:
             # A dedicated group, so background averages never interleave with the main thread's collectives.
             group = dist.new_group(backend=dist.get_backend())

@@ -220,10 +220,14 @@ class ScheduledModule(TinyModule):
                                                    "interval": "step"}}
 
 
+def current_lr(trainer, module):
+    return trainer.optimizers[0].param_groups[0]["lr"]
+
+
 def test_inner_lr_scheduler_steps_every_inner_step():
     ranks = run_job(TrainJob(module=functools.partial(ScheduledModule, model="mlp"),
                              strategy=DiLoCoStrategy(inner_steps=4), trainer_kwargs={"max_epochs": 2},
-                             inspect=lambda t, m: t.optimizers[0].param_groups[0]["lr"]), 2)
+                             inspect=current_lr), 2)
     assert ranks[0].inspected == pytest.approx(0.1 * 0.5 ** (8 // 3))
 
 
