@@ -1,0 +1,189 @@
+"""Grokfast, GradES, DropoutSchedule and GradientSurgery on one GPU: fp16 with a real GradScaler (one step
+overflows), bf16-mixed and torch.compile (inductor), with the properties the CPU tests check; resume on the GPU."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from lightning_optx import GradES, GradientSurgery, Grokfast
+from lightning_optx.callbacks.dropout import EarlyDropout, LateDropout
+from lightning_optx.functional.schedules import dropout_rate
+from tests.callbacks.test_dropout import RateProbe, probe
+from tests.gpu.common import (
+    OVERFLOW_STEP,
+    StepProbe,
+    assert_close_relative,
+    assert_one_real_overflow,
+    probe_records,
+    register_variants,
+    trainer_precision,
+    variant,
+)
+from tests.gpu.device import DEVICE, on_device, pytestmark, tensors_on  # noqa: F401  (pytestmark: marker, skip)
+from tests.helpers import TrainJob, check_resume_equivalence, run_job
+from tests.helpers.models import MultiTaskModule, TinyModule
+from tests.helpers.recorder import StepRecorder, recorded_steps
+
+PRECISIONS = ["16-mixed", "bf16-mixed", "compile"]
+
+register_variants(RateProbe, globals())
+register_variants(MultiTaskModule, globals())
+
+
+def device_job(base, precision, callbacks, epochs=2, inspect=None, **module_kwargs):
+    module = functools.partial(variant(base, precision), **module_kwargs)
+    job = TrainJob(module=module, callbacks=callbacks, trainer_kwargs={"max_epochs": epochs}, inspect=inspect)
+    return on_device(job, trainer_precision(precision))
+
+
+def check_overflow(records, precision):
+    if precision == "16-mixed":
+        assert_one_real_overflow(records)
+    else:
+        assert all(r["finite"] for r in records)
+
+
+# ---------------------------------------------------------------- Grokfast
+
+
+def reference_filter_state(records, filter_name, alpha, window):
+    """The EMA / the window's sum, in float64 from the gradients each finite step handed to the callback."""
+    state = None
+    grads = [r["grads"] for r in records if r["finite"]]
+    if filter_name == "ema":
+        for g in grads:
+            state = dict(g) if state is None else {n: state[n] * alpha + g[n] * (1 - alpha) for n in g}
+        return state
+    last = grads[-window:]
+    return {n: sum(g[n] for g in last) for n in last[0]}
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("filter_name", ["ema", "ma"])
+def test_grokfast_filter_equals_the_reference(filter_name, precision):
+    alpha, window = 0.9, 3
+    cb = Grokfast(filter_name, alpha=alpha, lamb=2.0, window_size=window)
+    job = device_job(TinyModule, precision, [StepProbe(keep_grads=True), cb], inspect=probe_records,
+                     model="mlp", optimizer="adamw", lr=1e-2)
+    [r] = run_job(job)
+    records, state = r.inspected, r.callback_states[cb.state_key]
+    check_overflow(records, precision)
+    finite_steps = sum(rec["finite"] for rec in records)
+    assert state["skipped_nonfinite_steps"] == len(records) - finite_steps
+    assert state["filtered_steps"] == finite_steps == r.global_step - (precision == "16-mixed")
+    filtered = state["ema"] if filter_name == "ema" else state["total"]
+    assert filtered and tensors_on(filtered, DEVICE.type)
+    assert all(t.dtype == torch.float32 for t in filtered.values())
+    expected = reference_filter_state(records, filter_name, alpha, window)
+    assert set(filtered) == set(expected)
+    for name, t in filtered.items():
+        assert_close_relative(t, expected[name], rtol=1e-5, what=f"{filter_name} state of {name}")
+    assert all(torch.isfinite(p).all() for p in r.params.values())
+
+
+# ---------------------------------------------------------------- GradES
+
+
+def grades_facts(trainer, module):
+    cb = next(c for c in trainer.callbacks if isinstance(c, GradES))
+    return {"steps": recorded_steps(trainer, module), "grace": cb.grace_steps, "targets": cb.target_names,
+            "trainable": {n for n, p in module.named_parameters() if p.requires_grad}}
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_grades_freezes_and_frozen_matrices_never_move(precision):
+    cb = GradES(tau=0.5, tau_mode="relative", grace_fraction=0.3)
+    job = device_job(TinyModule, precision, [cb, StepRecorder()], epochs=3, inspect=grades_facts,
+                     model="transformer", optimizer="adamw", lr=1e-2, weight_decay=0.1)
+    [r] = run_job(job)
+    facts, state = r.inspected, r.callback_states[cb.state_key]
+    frozen = state["frozen"]
+    assert len(facts["targets"]) == 12
+    assert frozen and min(frozen.values()) >= facts["grace"] == 8
+    records = {rec["step"]: rec["params"] for rec in facts["steps"]}
+    for name, step in frozen.items():
+        assert all(torch.equal(records[s][name], records[step][name]) for s in records if s >= step), name
+    assert facts["trainable"].isdisjoint(frozen)
+    assert r.series("grades/frozen_fraction")[-1] == pytest.approx(len(frozen) / 12)
+    # a step the fp16 scaler skips is no measurement: nothing inf/NaN in what GradES keeps
+    for key in ("reference", "last_metrics"):
+        values = [float(v) for v in state[key].values()]
+        assert all(torch.isfinite(torch.tensor(values))), f"{key}: {values}"
+    assert all(torch.isfinite(p).all() for p in r.params.values())
+
+
+# ---------------------------------------------------------------- DropoutSchedule
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_dropout_rates_follow_the_schedule(precision):
+    cb = EarlyDropout(p=0.4, cutoff=12, shape="linear")
+    job = device_job(RateProbe, precision, [cb], inspect=probe, model="dropout_mlp", optimizer="adamw", lr=1e-2)
+    [r] = run_job(job)
+    seen = r.inspected["seen"]
+    assert [step for step, _ in seen] == list(range(16))  # a step the scaler skips still counts as a step
+    logged = r.series("dropout/p")
+    for (_, rates), p in zip(seen, logged):  # the rate logged (as float32) is the rate the layers held
+        assert rates == [pytest.approx(p)] * 2
+    exact = [dropout_rate(s, 16, "early", 0.4, 12, "linear") for s in range(16)]
+    if precision == "compile":  # quantised so that dynamo does not recompile for every new rate
+        assert len(set(logged)) <= 4 and logged[0] == pytest.approx(0.4) and logged[-1] == 0.0
+        assert max(abs(a - b) for a, b in zip(logged, exact)) <= 0.4 / 3 + 1e-6
+    else:
+        assert logged == pytest.approx(exact)
+    assert r.inspected["final_rates"] == [0.3, 0.3]
+
+
+# ---------------------------------------------------------------- GradientSurgery
+
+
+def surgery_job(method, precision, **kwargs):
+    cbs = [StepProbe(), GradientSurgery(method)] if method else [StepProbe()]
+    return device_job(MultiTaskModule, precision, cbs, inspect=probe_records, **kwargs)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_gradient_surgery_sum_equals_plain_training_and_pcgrad_sees_the_conflict(precision):
+    [plain] = run_job(surgery_job(None, precision))
+    [summed] = run_job(surgery_job("sum", precision))
+    check_overflow(summed.inspected, precision)
+    # fp16 / bf16: T backward passes in low precision vs one; a forgotten (un)scaling would be off by 2**16
+    rtol = 1e-5 if precision == "compile" else 2e-2
+    for n, p in plain.params.items():
+        assert_close_relative(summed.params[n], p, rtol=rtol, what=n)
+    cb = GradientSurgery("pcgrad")
+    [pc] = run_job(device_job(MultiTaskModule, precision, [StepProbe(), cb], inspect=probe_records))
+    skipped = pc.callback_states[cb.state_key]["skipped_nonfinite_steps"]
+    assert skipped == (1 if precision == "16-mixed" else 0)
+    rates = pc.series("surgery/conflict_rate")
+    assert len(rates) >= pc.global_step - skipped and max(rates) == 1.0
+    assert all(torch.isfinite(p).all() for p in pc.params.values())
+
+
+# ---------------------------------------------------------------- resume on the GPU (CUDA RNG, map_location)
+
+
+RESUME_CASES = {
+    "grokfast_ma": (TinyModule, [Grokfast("ma", window_size=6)], {"model": "transformer", "optimizer": "adamw"}),
+    "grades": (TinyModule, [GradES(tau=0.5, tau_mode="relative", grace_fraction=0.3)],
+               {"model": "transformer", "optimizer": "adamw", "lr": 1e-2, "weight_decay": 0.1}),
+    "late_dropout": (TinyModule, [LateDropout(p=0.4, cutoff=5)], {"model": "dropout_mlp", "optimizer": "adamw"}),
+    "surgery_sam_gs": (MultiTaskModule, [GradientSurgery("sam_gs")], {"optimizer": "adamw", "lr": 1e-2}),
+}
+
+
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
+@pytest.mark.parametrize("case", sorted(RESUME_CASES))
+def test_resume_on_the_device_is_bit_exact(case, precision, tmp_path):
+    """Lightning restores the checkpoint with its default map_location (each tensor where it was saved): the
+    dropout masks (CUDA RNG), the GradScaler's scale and every callback's state continue bit for bit."""
+    base, callbacks, kwargs = RESUME_CASES[case]
+    job = device_job(base, precision, callbacks, **kwargs)
+    straight, resumed = check_resume_equivalence(job, total_epochs=3, split_epoch=1, tmp_dir=str(tmp_path))
+    assert tensors_on(resumed[0].params, DEVICE.type)
+    assert resumed[0].global_step == straight[0].global_step
+    if OVERFLOW_STEP and precision == "16-mixed":
+        assert all(torch.isfinite(p).all() for p in resumed[0].params.values())
