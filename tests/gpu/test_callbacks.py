@@ -16,7 +16,7 @@ from tests.gpu.common import (
     OVERFLOW_STEP,
     StepProbe,
     assert_close_relative,
-    assert_one_real_overflow,
+    assert_real_overflows,
     probe_records,
     register_variants,
     trainer_precision,
@@ -40,10 +40,11 @@ def device_job(base, precision, callbacks, epochs=2, inspect=None, **module_kwar
 
 
 def check_overflow(records, precision):
+    """The steps the GradScaler skipped (fp16), after checking that they overflowed for real; none otherwise."""
     if precision == "16-mixed":
-        assert_one_real_overflow(records)
-    else:
-        assert all(r["finite"] for r in records)
+        return assert_real_overflows(records)
+    assert all(r["finite"] for r in records)
+    return []
 
 
 # ---------------------------------------------------------------- Grokfast
@@ -70,10 +71,9 @@ def test_grokfast_filter_equals_the_reference(filter_name, precision):
                      model="mlp", optimizer="adamw", lr=1e-2)
     [r] = run_job(job)
     records, state = r.inspected, r.callback_states[cb.state_key]
-    check_overflow(records, precision)
-    finite_steps = sum(rec["finite"] for rec in records)
-    assert state["skipped_nonfinite_steps"] == len(records) - finite_steps
-    assert state["filtered_steps"] == finite_steps == r.global_step - (precision == "16-mixed")
+    skipped = check_overflow(records, precision)
+    assert state["skipped_nonfinite_steps"] == len(skipped)
+    assert state["filtered_steps"] == r.global_step - len(skipped)
     filtered = state["ema"] if filter_name == "ema" else state["total"]
     assert filtered and tensors_on(filtered, DEVICE.type)
     assert all(t.dtype == torch.float32 for t in filtered.values())
@@ -140,6 +140,10 @@ def test_dropout_rates_follow_the_schedule(precision):
 # ---------------------------------------------------------------- GradientSurgery
 
 
+def flat(params):
+    return torch.cat([p.detach().double().cpu().flatten() for _, p in sorted(params.items())])
+
+
 def surgery_job(method, precision, **kwargs):
     cbs = [StepProbe(), GradientSurgery(method)] if method else [StepProbe()]
     return device_job(MultiTaskModule, precision, cbs, inspect=probe_records, **kwargs)
@@ -149,17 +153,22 @@ def surgery_job(method, precision, **kwargs):
 def test_gradient_surgery_sum_equals_plain_training_and_pcgrad_sees_the_conflict(precision):
     [plain] = run_job(surgery_job(None, precision))
     [summed] = run_job(surgery_job("sum", precision))
-    check_overflow(summed.inspected, precision)
-    # fp16 / bf16: T backward passes in low precision vs one; a forgotten (un)scaling would be off by 2**16
-    rtol = 1e-5 if precision == "compile" else 2e-2
-    for n, p in plain.params.items():
-        assert_close_relative(summed.params[n], p, rtol=rtol, what=n)
+    skipped = check_overflow(summed.inspected, precision)
+    assert check_overflow(plain.inspected, precision) == skipped  # the same steps overflow with and without
+    difference = flat(summed.params) - flat(plain.params)
+    if precision == "compile":
+        assert_close_relative(flat(summed.params), flat(plain.params), rtol=1e-5, what="sum vs plain")
+    else:
+        # T low-precision backward passes vs one: within a few times what low precision alone moves the run (a
+        # forgotten (un)scaling would be off by 2**16)
+        [fp32] = run_job(surgery_job(None, "32-true"))
+        noise = (flat(plain.params) - flat(fp32.params)).norm()
+        assert difference.norm() <= 4 * noise + 1e-6 * flat(plain.params).norm(), (difference.norm(), noise)
     cb = GradientSurgery("pcgrad")
     [pc] = run_job(device_job(MultiTaskModule, precision, [StepProbe(), cb], inspect=probe_records))
-    skipped = pc.callback_states[cb.state_key]["skipped_nonfinite_steps"]
-    assert skipped == (1 if precision == "16-mixed" else 0)
+    assert pc.callback_states[cb.state_key]["skipped_nonfinite_steps"] == len(check_overflow(pc.inspected, precision))
     rates = pc.series("surgery/conflict_rate")
-    assert len(rates) >= pc.global_step - skipped and max(rates) == 1.0
+    assert len(rates) >= pc.global_step - len(skipped) and max(rates) == 1.0
     assert all(torch.isfinite(p).all() for p in pc.params.values())
 
 
