@@ -87,6 +87,10 @@ def test_grokfast_filter_equals_the_reference(filter_name, precision):
 # ---------------------------------------------------------------- GradES
 
 
+def uncompiled(name):
+    return name.replace("._orig_mod", "")
+
+
 def grades_facts(trainer, module):
     cb = next(c for c in trainer.callbacks if isinstance(c, GradES))
     return {"steps": recorded_steps(trainer, module), "grace": cb.grace_steps, "targets": cb.target_names,
@@ -103,10 +107,11 @@ def test_grades_freezes_and_frozen_matrices_never_move(precision):
     frozen = state["frozen"]
     assert len(facts["targets"]) == 12
     assert frozen and min(frozen.values()) >= facts["grace"] == 8
-    records = {rec["step"]: rec["params"] for rec in facts["steps"]}
+    # GradES names parameters as the uncompiled module does (no `_orig_mod.`)
+    records = {rec["step"]: {uncompiled(n): p for n, p in rec["params"].items()} for rec in facts["steps"]}
     for name, step in frozen.items():
         assert all(torch.equal(records[s][name], records[step][name]) for s in records if s >= step), name
-    assert facts["trainable"].isdisjoint(frozen)
+    assert {uncompiled(n) for n in facts["trainable"]}.isdisjoint(frozen)
     assert r.series("grades/frozen_fraction")[-1] == pytest.approx(len(frozen) / 12)
     # a step the fp16 scaler skips is no measurement: nothing inf/NaN in what GradES keeps
     for key in ("reference", "last_metrics"):

@@ -39,8 +39,8 @@ def test_fp16_with_a_grad_scaler_is_refused_on_the_device():
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
 @pytest.mark.parametrize("precision", ["bf16-mixed", "compile"])
 def test_every_per_sample_gradient_is_clipped_to_max_grad_norm(precision, mode):
-    """Batches of one sample, noise 0, a bound below every gradient's norm: each update has norm C."""
-    lr, clip = 0.1, 0.01
+    """Batches of one sample, noise 0, a bound far below every gradient's norm: each update has norm C."""
+    lr, clip = 0.1, 1e-3
     cb = DifferentialPrivacy(noise_multiplier=0.0, max_grad_norm=clip, accountant="rdp", poisson_sampling=False,
                              grad_sample_mode=mode)
     [r] = run_job(dp_device_job(cb, precision, lr=lr, batch_size=1, data_size=16))
@@ -50,7 +50,8 @@ def test_every_per_sample_gradient_is_clipped_to_max_grad_norm(precision, mode):
     for rec in records:
         raw_norms.append(math.sqrt(sum(float((g.double() ** 2).sum()) for g in rec["raw"].values())))
         norms.append(math.sqrt(sum(float((u.double() ** 2).sum()) for u in update_of(rec, lr).values())))
-    assert min(raw_norms) > clip  # the gradient of the one sample before clipping
+    if mode == "hooks":  # the gradient of the one sample before clipping (ghost clipping leaves none to see)
+        assert min(raw_norms) > 5 * clip
     # bf16 per-sample norms: the factor C / ||g|| is computed from the same low-precision per-sample gradients
     tol = 1e-2 if precision == "bf16-mixed" else 1e-4
     assert all(clip * (1 - tol) <= n <= clip * (1 + tol) for n in norms), norms
