@@ -73,11 +73,11 @@ FULL: dict[str, Any] = {
 }
 TINY: dict[str, Any] = {
     "lm": {"vocab": 64, "dim": 16, "layers": 2, "heads": 2, "seq": 8, "batch": 2},
-    "warmup": 1, "steps": 4, "window": 2,
-    "surgery": {"in_dim": 8, "width": 16, "depth": 2, "batch": 8, "tasks": [2, 4, 8], "methods": ["pcgrad"],
-                "warmup": 1, "steps": 3},
+    "warmup": 1, "steps": 2, "window": 2,
+    "surgery": {"in_dim": 8, "width": 16, "depth": 2, "batch": 8, "tasks": [2, 8], "methods": ["pcgrad"],
+                "warmup": 1, "steps": 2},
     "dp": {"vocab": 64, "hidden": 16, "layers": 1, "heads": 2, "intermediate": 32, "seq": 8, "batch": 4,
-           "warmup": 1, "steps": 3},
+           "warmup": 1, "steps": 2},
     "compress_reps": 2,
 }
 TARGETS = {"grokfast_overhead_pct": 2.0, "surgery_ratio": 1.1, "dp_ghost_relative": 0.7}

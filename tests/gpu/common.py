@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from tests.helpers.models import TinyModule
+from tests.helpers.models import MultiTaskModule, TinyModule
 
 OVERFLOW_STEP = 1
 OVERFLOW_FACTOR = 1e8  # x the GradScaler's 2**16: the fp16 activation gradients overflow to inf
@@ -122,3 +122,4 @@ def assert_close_relative(actual: Tensor, expected: Tensor, rtol: float, what: s
 
 
 register_variants(TinyModule, globals())
+register_variants(MultiTaskModule, globals())

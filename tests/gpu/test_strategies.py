@@ -24,7 +24,8 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 
 from lightning_optx import CompressedDDPStrategy, DiLoCoStrategy, DropoutSchedule, GradES, GradientSurgery, Grokfast
-from tests.gpu.device import (  # noqa: F401  (pytestmark: marker and skip)
+from tests.gpu.device import (
+    CUDA,
     DEVICE,
     SHARED_BACKEND,
     SINGLE_BACKEND,
@@ -41,9 +42,10 @@ FLAGS = ["local_sgd", "diloco", "diloco_x", "ddp_powersgd", "ddp_topk", "ddp_sig
 SYNC_ARGUMENT = {"local_sgd": "period", "diloco": "inner_steps", "diloco_x": "inner_steps"}
 WIDE = functools.partial(TinyModule, model="wide_mlp", optimizer="sgd", lr=0.05)
 PARAM_BYTES = sum(p.numel() * 4 for p in make_model("wide_mlp").parameters())
-TIMEOUT_S = 420.0
+TIMEOUT_S = 420.0 if CUDA else 2400.0  # one batch of runs (the CPU self-check runs them on 2 shared cores)
 # a rank whose run failed goes on to the next one; the other must not wait for it in a collective for 30 minutes
 GROUP_TIMEOUT = timedelta(seconds=90)
+pytestmark = [*pytestmark, pytest.mark.timeout(TIMEOUT_S + 60)]  # a batch runs inside its first test's fixture
 
 
 def flag_strategy(flag: str, backend: str, every: int = 4) -> Any:
