@@ -24,6 +24,14 @@ from tests.helpers.recorder import StepRecorder, recorded_steps
 pytestmark = [*pytestmark, only_on_cuda]
 
 
+@pytest.fixture(autouse=True)
+def _no_process_group_left():
+    """FSDPStrategy initialises a (1-rank NCCL) process group in this process: leave none to the next test."""
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def fsdp_job(module, callbacks, inspect, epochs=2, precision="32-true"):
     job = TrainJob(module=module, callbacks=callbacks, strategy=FSDPStrategy(), inspect=inspect,
                    trainer_kwargs={"max_epochs": epochs})
