@@ -43,9 +43,9 @@ test-slow: $(STAMP)
 
 # The GPU check (docs/contributing.md): the suite in tests/gpu, then benchmarks/gpu.py (JSON + PNG under
 # benchmarks/results/gpu/). It uses the python that already holds a CUDA torch (GPU_PYTHON), not the CPU-only
-# .venv, and runs the benchmark even when a test fails; pytest-xdist, where installed, runs 4 files at a time.
+# .venv, and runs the benchmark even when a test fails; pytest-xdist, where installed, runs 6 files at a time.
 GPU_PYTHON ?= python3
-GPU_PYTEST_ARGS ?= $(shell $(GPU_PYTHON) -c "import xdist" 2>/dev/null && echo "-n 4 --dist loadfile")
+GPU_PYTEST_ARGS ?= $(shell $(GPU_PYTHON) -c "import xdist" 2>/dev/null && echo "-n 6 --dist loadfile")
 
 test-gpu:
 	$(GPU_PYTHON) -m pytest -q -m cuda tests/gpu --durations=15 $(GPU_PYTEST_ARGS); \
