@@ -55,7 +55,9 @@ def test_resume_between_syncs_is_bit_exact(resumed, flag):
         [s], [r] = straight, again
         assert s.global_step == r.global_step == 12
         assert tensors_on(r.params, DEVICE.type)
-        assert r.series("comm/bytes_total")[-1] == s.series("comm/bytes_total")[-1]
+        if flag != "diloco_x":  # under overlap the background average records its bytes whenever its thread runs,
+            # so the total logged at a given step depends on timing (the state above is compared bit for bit)
+            assert r.series("comm/bytes_total")[-1] == s.series("comm/bytes_total")[-1]
 
 
 @pytest.mark.parametrize("name", sorted(CALLBACKS))
