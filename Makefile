@@ -12,7 +12,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow lint typecheck docs unit bench-quick clean
+.PHONY: demo test test-slow test-gpu lint typecheck docs unit bench-quick clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,16 @@ unit: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+# The GPU check (docs/contributing.md): the suite in tests/gpu, then benchmarks/gpu.py (JSON + PNG under
+# benchmarks/results/gpu/). It uses the python that already holds a CUDA torch (GPU_PYTHON), not the CPU-only
+# .venv, and runs the benchmark even when a test fails; pytest-xdist, where installed, runs 6 files at a time.
+GPU_PYTHON ?= python3
+GPU_PYTEST_ARGS ?= $(shell $(GPU_PYTHON) -c "import xdist" 2>/dev/null && echo "-n 6 --dist loadfile")
+
+test-gpu:
+	$(GPU_PYTHON) -m pytest -q -m cuda tests/gpu --durations=15 $(GPU_PYTEST_ARGS); \
+	status=$$?; $(GPU_PYTHON) benchmarks/gpu.py || status=1; exit $$status
 
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/grokfast.py --quick
