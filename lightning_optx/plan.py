@@ -172,7 +172,8 @@ def _table(rows: Sequence[StrategyPlan], workload: Workload, cluster: Cluster) -
         table.add_column(name, justify="left" if name == "strategy" else "right")
     for r in rows:
         table.add_row(r.strategy, f"{r.inter_node_bytes_per_step / 1e6:,.3f}",
-                      f"{r.intra_node_bytes_per_step / 1e6:,.3f}", f"{r.comm_time_s:.4g}", f"{r.exposed_comm_s:.4g}", f"{r.step_time_s:.4g}",
+                      f"{r.intra_node_bytes_per_step / 1e6:,.3f}", f"{r.comm_time_s:.4g}",
+                      f"{r.exposed_comm_s:.4g}", f"{r.step_time_s:.4g}",
                       f"{r.speedup_vs_ddp:.3g}x", f"{100 * r.compute_utilisation:.1f}%")
     Console(width=160).print(table)
 
