@@ -50,7 +50,10 @@ __all__ = [
     "StrategySpec",
     "Workload",
     "collectives_for",
+    "compute_seconds",
+    "exposed_seconds",
     "plan",
+    "run_collectives",
     "transformer_shapes",
     "wire_bytes",
 ]
@@ -482,6 +485,23 @@ def exposed_seconds(collectives: Iterable[PlannedCollective], cluster: Cluster, 
     exposed = blocking + max(0.0, backward - BACKWARD_FRACTION * compute_s)
     exposed += sum(max(0.0, t - every * compute_s) / every for every, t in rounds.items())
     return total, exposed
+
+
+def run_collectives(records: Iterable[CollectiveRecord], steps: int, link: LinkClass = "inter"
+                    ) -> list[PlannedCollective]:
+    """A run's ledger records (``steps`` optimizer steps) as planned collectives, for :func:`exposed_seconds`.
+
+    An overlapped ``"grad"`` record (DDP's bucket all-reduce) hides behind the backward pass, another overlapped
+    one (an overlapped DiLoCo round) behind compute; each counts ``1 / steps`` per step, so the windows of a
+    run's rounds add up to ``steps x compute`` (the same as per round when the rounds are alike).
+    """
+    if steps < 1:
+        raise ValueError(f"`steps` must be >= 1, got steps={steps!r}.")
+    out = []
+    for r in records:
+        hidden: Hiding = ("backward" if r.tag == "grad" else "round") if r.overlapped else "none"
+        out.append(PlannedCollective(r, link, steps, hidden))
+    return out
 
 
 def plan(specs: Sequence[StrategySpec | str], workload: Workload, cluster: Cluster) -> list[StrategyPlan]:

@@ -302,3 +302,34 @@ def test_meta_module_needs_no_memory():
     with torch.device("meta"):
         module = torch.nn.Linear(100_000, 100_000)  # 40 GB in fp32
     assert Workload.from_module(module, 1.0).params == 100_000 * 100_001
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+
+
+def load_benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "communication.py"
+    spec = importlib.util.spec_from_file_location("communication_benchmark", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_models_time_with_the_planner():
+    bench = load_benchmark()
+    steps, compute = 10, 0.01
+    records = [CollectiveRecord("all_reduce", 4_000_000, 2, overlapped=True, tag="grad", step=s) for s in range(steps)]
+    t = LinkModel(1.0, bench.LATENCY_S).seconds(records[0])
+    got = bench.timing(records, compute, steps)["1gbit"]
+    assert got["wire_s"] == pytest.approx(steps * t)
+    assert got["exposed_s"] == pytest.approx(steps * max(0.0, t - BACKWARD_FRACTION * compute))
+    assert got["total_s"] == pytest.approx(steps * compute + got["exposed_s"])
+    specs = {s.name: s for s in bench.STRATEGIES}
+    assert bench.planner_spec(specs["ddp_powersgd"]) == "ddp_powersgd:rank=4"
+    assert bench.cluster_model(specs["ddp"])["speedup_vs_ddp"] == 1.0
+    assert all(bench.cluster_model(s)["speedup_vs_ddp"] > 0 for s in bench.STRATEGIES)
