@@ -540,9 +540,10 @@ def plot(results: dict[str, dict[str, Any]], path: Path, title: str) -> None:
         ax_bytes.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
     ax_bytes.set_yscale("log")
     ax_bytes.set(ylabel="bytes per optimizer step (rank 0)",
-                 title="bytes sent per step (label: fewer than DDP; then the planner's modeled throughput vs DDP\n"
-                       f"for a {CLUSTER['params'] / 1e9:g}B model on {CLUSTER['nodes']}x{CLUSTER['gpus_per_node']} "
-                       f"GPUs, {CLUSTER['inter_gbps']:g} Gbit/s between nodes)")
+                 title="bytes sent per step; labels: x fewer than DDP, and the planner's modeled\n"
+                       f"throughput vs DDP for a {CLUSTER['params'] / 1e9:g}B model on {CLUSTER['nodes']}x"
+                       f"{CLUSTER['gpus_per_node']} GPUs at {CLUSTER['inter_gbps']:g} Gbit/s between nodes")
+    ax_bytes.set_ylim(top=max(per_step) * 4)
     ax_bytes.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
