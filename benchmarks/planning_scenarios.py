@@ -94,7 +94,7 @@ def cluster_grid(params: int) -> str:
             if r.flag == "ddp":
                 utilisation.append(f"{100 * r.compute_utilisation:.0f}%")
     head = ["strategy"] + [f"{n}n @{g:g}G" for n, g in columns]
-    body = [["DDP utilisation"] + utilisation] + [[flag] + cells for flag, cells in rows.items()]
+    body = [["DDP utilisation", *utilisation]] + [[flag, *cells] for flag, cells in rows.items()]
     return (f"{params / 1e9:g}B parameters, {compute:.3f} s compute per step (16k tokens per GPU, H100 at 40% MFU); "
             f"columns: nodes of 8 GPUs @ Gbit/s between nodes; cells: modeled throughput / DDP's\n\n" + _md(head, body))
 
@@ -103,7 +103,8 @@ def plots() -> list[Path]:
     ASSETS.mkdir(parents=True, exist_ok=True)
     specs = [StrategySpec(f) for f in STRATEGY_DEFAULTS]
     out = []
-    for params, nodes, name in ((1_300_000_000, 4, "planning-1.3b-4x8.png"), (7_000_000_000, 16, "planning-7b-16x8.png")):
+    figures = ((1_300_000_000, 4, "planning-1.3b-4x8.png"), (7_000_000_000, 16, "planning-7b-16x8.png"))
+    for params, nodes, name in figures:
         workload = Workload.from_params(params, compute_seconds(params, TOKENS_PER_GPU_STEP, **H100))
         cluster = Cluster(nodes=nodes, gpus_per_node=GPUS_PER_NODE, intra_gbps=INTRA_GBPS, inter_gbps=10.0)
         plot_speedup(str(ASSETS / name), specs, workload, cluster)
