@@ -146,7 +146,10 @@ def _workload(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Work
     grad_bytes = DTYPE_BYTES[args.grad_dtype]
     if module is not None:
         return Workload.from_module(module, compute, grad_bytes=grad_bytes)
-    return Workload.from_params(params, compute, grad_bytes=grad_bytes)
+    try:
+        return Workload.from_params(params, compute, grad_bytes=grad_bytes)
+    except ValueError as err:
+        parser.error(f"argument --params: {err}")
 
 
 def _plans(args: argparse.Namespace, parser: argparse.ArgumentParser, workload: Workload, cluster: Cluster
@@ -230,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             plot_speedup(args.plot, specs, workload, cluster)
         except ImportError:
             parser.error("argument --plot: needs matplotlib (pip install matplotlib)")
-        except OSError as err:
+        except (OSError, ValueError) as err:
             parser.error(f"argument --plot: cannot write {args.plot!r}: {err}")
         if not args.json:
             print(f"plot: {args.plot}")

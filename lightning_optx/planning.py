@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
@@ -39,10 +40,13 @@ import torch
 
 from lightning_optx.compression import COMPRESSORS, Cast, get_compressor
 from lightning_optx.distributed import CollectiveRecord, LinkModel
+from lightning_optx.functional.diloco import check_diloco_args
+from lightning_optx.functional.local_sgd import check_period_args
 
 __all__ = [
     "BACKWARD_FRACTION",
     "DTYPE_BYTES",
+    "IGNORED_OPTIONS",
     "STRATEGY_DEFAULTS",
     "Cluster",
     "PlannedCollective",
@@ -83,6 +87,18 @@ STRATEGY_DEFAULTS: dict[str, dict[str, Any]] = {
                  "fragments": 1, "replica_size": None},
 }
 OPTIMIZER_STATE_TENSORS = 2  # Local SGD's `average_optimizer_state`: AdamW's two moments per parameter
+# Strategy arguments accepted and ignored: they change no byte of the steady state (warm-up, learning rates,
+# error feedback; adaptive compression is planned at its starting level).
+_DILOCO_IGNORED = ("outer_optimizer", "outer_lr", "outer_momentum", "error_feedback", "adaptive_compression",
+                   "compression_bounds")
+IGNORED_OPTIONS: dict[str, tuple[str, ...]] = {
+    "ddp": (),
+    "local_sgd": ("warmup_steps", "min_period"),
+    **{f: ("error_feedback", "check_finite") for f in ("ddp_powersgd", "ddp_topk", "ddp_sign", "ddp_fp16", "ddp_bf16")},
+    "diloco": _DILOCO_IGNORED,
+    "diloco_x": _DILOCO_IGNORED,
+}
+MAX_PARAMS = 10**14
 
 
 def wire_bytes(record: CollectiveRecord) -> float:
@@ -164,8 +180,8 @@ def transformer_shapes(params: int) -> tuple[tuple[int, ...], ...]:
         >>> shapes[0], sum(math.prod(s) for s in shapes)
         ((2048, 2048), 1300000000)
     """
-    if params < 1:
-        raise ValueError(f"`params` must be >= 1, got params={params!r}.")
+    if not 1 <= params <= MAX_PARAMS:
+        raise ValueError(f"`params` must be in [1, {MAX_PARAMS:.0e}], got params={params!r}.")
     widths = [w for least, w in WIDTHS if params >= least]
     d = widths[-1] if widths else max(1, math.isqrt(max(1, params // 144)))
     layer = [(d, d)] * 4 + [(4 * d, d), (d, 4 * d), (d,), (d,)]
@@ -252,7 +268,14 @@ class StrategySpec:
             raise ValueError(f"`sparse_collective` must be one of {SPARSE_COLLECTIVES}, got {self.sparse_collective!r}")
         settings = dict(STRATEGY_DEFAULTS[self.flag])
         compressor_options = dict(settings.get("compressor_options") or {})
+        if "compressor" in self.options and self.options["compressor"] != settings.get("compressor"):
+            compressor_options = {}  # the registered options belong to the registered compressor
         for key, value in self.options.items():
+            if key in IGNORED_OPTIONS[self.flag]:
+                continue
+            if key == "qsr_alpha" and value is not None:
+                raise ValueError("qsr_alpha is not modeled (the period follows the learning rate); plan with the "
+                                 "period you expect instead")
             if key in settings and key != "compressor_options":
                 settings[key] = value
             elif "compressor" in settings:
@@ -353,16 +376,16 @@ def _compressor_messages(settings: dict[str, Any], shapes: Sequence[tuple[int, .
     compressor.iteration = getattr(compressor, "start_iter", 0)  # past PowerSGD's uncompressed warm-up
     raw = packed = 0
     p_bytes = 0
-    for shape in shapes:
+    for shape, count in Counter(tuple(s) for s in shapes).items():
         t = torch.empty(shape, device="meta")
         nbytes = compressor.payload_bytes([t], 2)
         if name not in ("fp16", "bf16") and nbytes == 4 * t.numel():
-            raw += nbytes
+            raw += count * nbytes
             continue
-        packed += nbytes
+        packed += count * nbytes
         if name == "powersgd":  # P (n x r) and Q (m x r) travel in two all-reduces
             n = shape[0]
-            p_bytes += 4 * n * min(n, t.numel() // n, compressor.rank)
+            p_bytes += count * 4 * n * min(n, t.numel() // n, compressor.rank)
     messages = [("all_reduce", raw)] if raw else []
     if name == "powersgd" and packed:
         messages += [("all_reduce", p_bytes), ("all_reduce", packed - p_bytes)]
@@ -428,7 +451,7 @@ def collectives_for(spec: StrategySpec | str, workload: Workload, cluster: Clust
         found = _within_replica(workload.grad_bytes * params, cluster.world_size, cluster, "grad")
         return [PlannedCollective(r, link, 1, "backward") for r, link in found]
     if "period" in s:  # local SGD
-        _check_positive(s, "period")
+        check_period_args(s["period"], 0, None, 1)
         replica = _replica_size(s, cluster)
         averaged = workload.grad_bytes * (params + workload.frozen_numel)
         averaged += 4 * workload.buffer_numel * bool(s["average_buffers"])
@@ -440,8 +463,10 @@ def collectives_for(spec: StrategySpec | str, workload: Workload, cluster: Clust
     messages = (_compressor_messages(s, shapes, spec.sparse_collective) if s["compressor"] is not None
                 else [("all_reduce", fp32)])
     if "inner_steps" in s:  # DiLoCo
-        _check_positive(s, "inner_steps")
-        _check_positive(s, "fragments")
+        check_diloco_args(s["inner_steps"], "nesterov", 0.7, 0.9, s["fragments"])
+        if s["fragments"] > len(shapes):
+            raise ValueError(f"`fragments` must be at most the number of parameters ({len(shapes)}), got "
+                             f"fragments={s['fragments']}.")
         replica = _replica_size(s, cluster)
         h, f = s["inner_steps"], s["fragments"]
         per_step = _within_replica(workload.grad_bytes * params, replica, cluster, "grad")
@@ -453,12 +478,6 @@ def collectives_for(spec: StrategySpec | str, workload: Workload, cluster: Clust
                 + [PlannedCollective(r, link, h, hiding) for r, link in split])
     found = _across_replicas(messages, fp32, 1, cluster, "grad")  # compressed DDP: blocking, every step
     return [PlannedCollective(r, link) for r, link in found]
-
-
-def _check_positive(settings: dict[str, Any], key: str) -> None:
-    value = settings[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{key} must be an integer >= 1, got {key}={value!r}")
 
 
 # ---------------------------------------------------------------------------------------------- timing

@@ -16,6 +16,7 @@ from lightning_optx.compression import get_compressor
 from lightning_optx.distributed import CollectiveRecord, LinkModel
 from lightning_optx.planning import (
     BACKWARD_FRACTION,
+    IGNORED_OPTIONS,
     STRATEGY_DEFAULTS,
     Cluster,
     StrategySpec,
@@ -61,6 +62,29 @@ def test_planner_defaults_equal_the_registered_strategies(flag):
             continue
         registered = actual[key] if key != "compressor_options" else (actual[key] or {})
         assert value == registered, f"{flag}: planner default {key}={value!r}, strategy {registered!r}"
+
+
+@pytest.mark.parametrize("flag", [f for f in STRATEGY_DEFAULTS if f != "ddp"])
+def test_ignored_options_are_real_arguments_of_the_strategy(flag):
+    actual = registered_settings(flag)
+    assert set(IGNORED_OPTIONS[flag]) <= set(actual)
+
+
+def test_ignored_options_change_nothing():
+    w, cluster = Workload.from_params(P, 1.0), Cluster(nodes=4, gpus_per_node=8)
+    base, tuned = plan(["diloco_x", "diloco_x:outer_lr=0.5,adaptive_compression=false,error_feedback=false"], w,
+                       cluster)
+    assert tuned.inter_node_bytes_per_step == base.inter_node_bytes_per_step
+    assert tuned.step_time_s == base.step_time_s
+
+
+def test_overriding_the_compressor_drops_the_registered_compressor_options():
+    w, cluster = Workload.from_params(P, 1.0), Cluster(nodes=4, gpus_per_node=8)
+    (row,) = plan(["diloco_x:compressor=topk,density=0.01"], w, cluster)
+    (ref,) = plan(["diloco:overlap=true,compressor=topk,density=0.01"], w, cluster)
+    assert row.inter_node_bytes_per_step == ref.inter_node_bytes_per_step
+    (plain,) = plan(["diloco_x:compressor=none"], w, cluster)
+    assert plain.inter_node_bytes_per_step == pytest.approx(2 * 3 / 4 * 4 * P / 500)
 
 
 def test_planner_knows_every_registered_flag():
@@ -214,6 +238,9 @@ def test_compute_seconds_formula():
     ("local_sgd:period=0", "period"),
     ("diloco:compressor=zip", "compressor"),
     ("diloco:inner_steps=4,fragments=0", "fragments"),
+    ("diloco:inner_steps=6,fragments=4", "fragments"),
+    ("local_sgd:period=2.5", "period"),
+    ("local_sgd:qsr_alpha=0.02", "qsr_alpha"),
 ])
 def test_bad_strategies_are_rejected_naming_the_option(spec, message):
     with pytest.raises(ValueError, match=message):
@@ -248,6 +275,9 @@ def test_bad_cluster_is_rejected(kwargs, name):
     (["--params", "1e9", "--step-compute-s", "1", "--strategy", "nope"], "--strategy"),
     (["--params", "1e9", "--step-compute-s", "1", "--strategy", "diloco:inner=5"], "--strategy"),
     (["--params", "1e9"], "--step-compute-s"),
+    (["--params", "1e30", "--step-compute-s", "1"], "--params"),
+    (["--params", "1.5", "--step-compute-s", "1"], "--params"),
+    (["--params", "1e9", "--step-compute-s", "1", "--grad-dtype", "fp8"], "--grad-dtype"),
     (["--model", "no_such_module:Model", "--step-compute-s", "1"], "--model"),
 ])
 def test_bad_input_exits_2_with_one_line_naming_the_flag(argv, flag, capsys):
@@ -333,3 +363,8 @@ def test_benchmark_models_time_with_the_planner():
     assert bench.planner_spec(specs["ddp_powersgd"]) == "ddp_powersgd:rank=4"
     assert bench.cluster_model(specs["ddp"])["speedup_vs_ddp"] == 1.0
     assert all(bench.cluster_model(s)["speedup_vs_ddp"] > 0 for s in bench.STRATEGIES)
+
+
+def test_a_single_gpu_communicates_nothing():
+    rows = plan(list(STRATEGY_DEFAULTS), Workload.from_params(P, 1.0), Cluster())
+    assert all(r.comm_time_s == 0 and r.speedup_vs_ddp == 1.0 and r.inter_node_bytes_per_step == 0 for r in rows)
