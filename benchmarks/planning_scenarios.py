@@ -99,6 +99,38 @@ def cluster_grid(params: int) -> str:
             f"columns: nodes of 8 GPUs @ Gbit/s between nodes; cells: modeled throughput / DDP's\n\n" + _md(head, body))
 
 
+def benchmark_figures() -> str:
+    """The measured figures of ``benchmarks/communication.py`` (full runs) next to the planner's speed-up on the
+    benchmark's GPU cluster setting (``CLUSTER`` there), as that benchmark now prints them."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("communication_benchmark", REPO / "benchmarks" / "communication.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    rows = []
+    for name in ("communication.json", "communication_custom.json"):
+        path = REPO / "benchmarks" / "results" / name
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        for label, res in data["results"].items():
+            if label == "ddp" and rows:
+                continue
+            ratios = data["ratios_vs_ddp"][label]
+            model = bench.cluster_model(bench.Spec(label, res["strategy"], res["options"]))
+            rows.append([bench.planner_spec(bench.Spec(label, res["strategy"], res["options"])),
+                         f"{res['val_loss']:.4f}", f"{ratios['val_loss_ratio']:.3f}", f"{ratios['bytes_ratio']:.1f}x",
+                         f"{model['speedup_vs_ddp']:.3g}x", f"{100 * model['compute_utilisation']:.0f}%"])
+    c = bench.CLUSTER
+    head = ["strategy", "val loss (CPU)", "loss / DDP's", "fewer bytes (measured)",
+            f"modeled speed-up, {c['params'] / 1e9:g}B on {c['nodes']}x{c['gpus_per_node']} @{c['inter_gbps']:g}G",
+            "modeled utilisation"]
+    return _md(head, rows)
+
+
 def plots() -> list[Path]:
     ASSETS.mkdir(parents=True, exist_ok=True)
     specs = [StrategySpec(f) for f in STRATEGY_DEFAULTS]
@@ -120,6 +152,8 @@ def main() -> None:
     for params in (1_300_000_000, 7_000_000_000):
         print(f"\n## {params / 1e9:g}B\n")
         print(cluster_grid(params))
+    print("\n## Benchmark figures\n")
+    print(benchmark_figures())
     for path in plots():
         print(f"\nplot: {path.relative_to(REPO)}")
 
