@@ -78,7 +78,9 @@ def _non_negative(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m lightning_optx.plan", description=__doc__.split("\n\n")[0],
+    p = _Parser(prog="python -m lightning_optx.plan",
+                description="Which strategy for my model on my cluster, and what will it buy me: bytes, modeled "
+                            "communication time and speed-up vs DDP of every strategy (docs/planning.md).",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     w = p.add_argument_group("workload")
     size = w.add_mutually_exclusive_group(required=True)
@@ -94,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--grad-dtype", choices=sorted(DTYPE_BYTES), default="fp32",
                    help="dtype of DDP's gradients / Local SGD's parameters on the wire")
     c = p.add_argument_group("cluster")
-    c.add_argument("--nodes", type=_positive(int), default=4)
-    c.add_argument("--gpus-per-node", type=_positive(int), default=8)
+    c.add_argument("--nodes", type=_positive(int), default=4, help="number of nodes")
+    c.add_argument("--gpus-per-node", type=_positive(int), default=8, help="GPUs (processes) per node")
     c.add_argument("--intra-node-gbps", type=_positive(float), default=3600.0, help="per GPU (NVLink 4: 3600)")
     c.add_argument("--inter-node-gbps", type=_positive(float), default=10.0, help="per node")
     c.add_argument("--latency-ms", type=_non_negative, default=0.05, help="per message")
