@@ -25,11 +25,17 @@ For each strategy it reports
   run inside its reducer, overlapped with backward, and cannot be timed apart: its ``compute_s`` still
   holds whatever part of the loopback all-reduce was not hidden (compare it with ``local_sgd/compute_s``,
   same computation, no per-step collective);
-* the modeled time on a ring of 2 ranks at 1, 10 and 100 Gbit/s (50 us latency per message, see
-  :class:`lightning_optx.distributed.LinkModel`): ``wire_s`` (every collective's time on the wire),
-  ``exposed_s`` (the same without the collectives recorded as overlapped, e.g. DDP's bucket all-reduces that
-  run behind the backward pass: counted as entirely hidden behind computation) and
-  ``total_s = compute_s * steps + exposed_s``.
+* the modeled time of the recorded collectives on a ring of 2 ranks at 1, 10 and 100 Gbit/s (50 us latency
+  per message), by the communication planner's timing (:func:`lightning_optx.planning.exposed_seconds` over
+  :class:`lightning_optx.distributed.LinkModel`, the one network model): ``wire_s`` (every collective's time
+  on the wire), ``exposed_s`` (the part not hidden: DDP's bucket all-reduces hide behind the backward pass,
+  2/3 of ``compute_s`` per step; an overlapped DiLoCo round behind compute; everything else blocks) and
+  ``total_s = compute_s * steps + exposed_s``;
+* ``cluster``: what the same strategy and options would buy on a realistic GPU cluster (:data:`CLUSTER`: a
+  1.3B-parameter transformer, 16k tokens per GPU per step on H100s at 40% MFU, 4 nodes x 8 GPUs, 10 Gbit/s
+  between nodes), from the planner (:func:`lightning_optx.planning.plan`): ``speedup_vs_ddp`` (modeled
+  throughput over DDP's), ``inter_node_bytes_per_step`` and ``compute_utilisation``. It is printed next to
+  the CPU-measured losses: the loss says what the strategy costs in quality, this what it would buy.
 
 Then bytes and loss ratios against DDP, and these targets as PASS/FAIL lines (a loss ratio is one-sided:
 a strategy whose loss is lower than DDP's passes): ``local_sgd`` >= 8x fewer bytes with a final loss within
@@ -87,13 +93,18 @@ import lm_data  # noqa: E402  (examples/lm_data.py)
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from lightning.pytorch.strategies import Strategy, StrategyRegistry  # noqa: E402
 
+from lightning_optx import planning  # noqa: E402
 from lightning_optx.compression import get_compressor  # noqa: E402
-from lightning_optx.distributed import CollectiveRecord, LinkModel, modeled_comm_time  # noqa: E402
+from lightning_optx.distributed import CollectiveRecord  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 WORLD_SIZE = 2
 LINKS_GBIT = (1.0, 10.0, 100.0)
 REFERENCE = "ddp"
+LATENCY_S = 50e-6
+# The realistic GPU cluster each figure is modeled on (see the module docstring).
+CLUSTER: dict[str, Any] = dict(params=1_300_000_000, tokens_per_step=16_384, gpu_tflops=989.0, mfu=0.4, nodes=4,
+                               gpus_per_node=8, intra_gbps=3600.0, inter_gbps=10.0, latency_s=LATENCY_S)
 
 
 @dataclass(frozen=True)
@@ -342,17 +353,36 @@ def rank_mean_curve(ranks: list[dict[str, Any]]) -> list[float]:
 
 
 def timing(records: list[CollectiveRecord], compute_s: float, steps: int) -> dict[str, dict[str, float]]:
-    """Modeled wire, exposed (overlapped hidden) and total time on each link of :data:`LINKS_GBIT`."""
+    """Modeled wire, exposed and total time of the run on each link of :data:`LINKS_GBIT` (the planner's rules)."""
     out: dict[str, dict[str, float]] = {}
+    collectives = planning.run_collectives(records, max(1, steps))
     for gbit in LINKS_GBIT:
-        link = LinkModel(gbit)
-        exposed = modeled_comm_time(records, link)
+        ring = planning.Cluster(nodes=WORLD_SIZE, inter_gbps=gbit, latency_s=LATENCY_S)
+        wire, exposed = planning.exposed_seconds(collectives, ring, compute_s)
         out[f"{gbit:g}gbit"] = {
-            "wire_s": modeled_comm_time(records, link, include_overlapped=True),
-            "exposed_s": exposed,
-            "total_s": compute_s * steps + exposed,
+            "wire_s": wire * steps,
+            "exposed_s": exposed * steps,
+            "total_s": (compute_s + exposed) * steps,
         }
     return out
+
+
+def planner_spec(spec: Spec) -> str:
+    """``spec`` as the planner's command line writes it (compressor options flattened)."""
+    options = {k: v for k, v in spec.options.items() if k != "compressor_options"}
+    options.update(spec.options.get("compressor_options") or {})
+    return spec.strategy + (":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else "")
+
+
+def cluster_model(spec: Spec) -> dict[str, float]:
+    """The planner's answer for ``spec`` on :data:`CLUSTER`."""
+    c = CLUSTER
+    compute = planning.compute_seconds(c["params"], c["tokens_per_step"], c["gpu_tflops"], c["mfu"])
+    workload = planning.Workload.from_params(c["params"], compute)
+    cluster = planning.Cluster(c["nodes"], c["gpus_per_node"], c["intra_gbps"], c["inter_gbps"], c["latency_s"])
+    (row,) = planning.plan([planner_spec(spec)], workload, cluster)
+    return {"speedup_vs_ddp": row.speedup_vs_ddp, "inter_node_bytes_per_step": row.inter_node_bytes_per_step,
+            "compute_utilisation": row.compute_utilisation, "step_time_s": row.step_time_s}
 
 
 def collective_mix(records: list[CollectiveRecord]) -> list[dict[str, Any]]:
@@ -394,6 +424,7 @@ def summarize(spec: Spec, ranks: list[dict[str, Any]]) -> dict[str, Any]:
         "loopback_comm_s": sum(r0["step_comm_seconds"]) / steps,
         "compute_s": compute_s,
         "modeled": timing(records, compute_s, steps),
+        "cluster": cluster_model(spec),
         "collective_mix": collective_mix(records),
         "train_curve": curve,
         "val_curve": r0["val_losses"],
@@ -454,13 +485,22 @@ def print_strategy(name: str, res: dict[str, Any]) -> None:
     for link, t in res["modeled"].items():
         for key, value in t.items():
             print(f"{name}/{link}/{key}: {value:.3f}")
+    for key, value in res["cluster"].items():
+        print(f"{name}/cluster/{key}: {value:.4g}")
     sys.stdout.flush()
 
 
-def print_summary(ratios: dict[str, dict[str, float]], checks: list[dict[str, Any]], quick: bool) -> None:
+def print_summary(ratios: dict[str, dict[str, float]], checks: list[dict[str, Any]], quick: bool,
+                  results: dict[str, dict[str, Any]] | None = None) -> None:
     for name, r in ratios.items():
         for key, value in r.items():
             print(f"{name}/{key}_vs_{REFERENCE}: {value:.4f}")
+    c = CLUSTER
+    setting = (f"{c['params'] / 1e9:g}B params, {c['nodes']}x{c['gpus_per_node']} GPUs, {c['inter_gbps']:g} Gbit/s "
+               "between nodes")
+    for name, res in (results or {}).items():
+        print(f"{name}: val_loss {res['val_loss']:.4f} (CPU, 2 ranks); modeled on {setting}: "
+              f"{res['cluster']['speedup_vs_ddp']:.3g}x DDP's throughput")
     note = " (quick mode: tiny model, indicative only)" if quick else ""
     for c in checks:
         verdict = "PASS" if c["passed"] else "FAIL"
@@ -495,9 +535,15 @@ def plot(results: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     ref = results.get(REFERENCE)
     for bar, name in zip(bars, names):
         label = f"{ref['bytes_total'] / results[name]['bytes_total']:.1f}x" if ref else ""
+        if "cluster" in results[name]:
+            label += f"\n{results[name]['cluster']['speedup_vs_ddp']:.3g}x on GPUs"
         ax_bytes.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
     ax_bytes.set_yscale("log")
-    ax_bytes.set(ylabel="bytes per optimizer step (rank 0)", title="bytes sent per step (label: fewer than DDP)")
+    ax_bytes.set(ylabel="bytes per optimizer step (rank 0)",
+                 title="bytes sent per step; labels: x fewer than DDP, and the planner's modeled\n"
+                       f"throughput vs DDP for a {CLUSTER['params'] / 1e9:g}B model on {CLUSTER['nodes']}x"
+                       f"{CLUSTER['gpus_per_node']} GPUs at {CLUSTER['inter_gbps']:g} Gbit/s between nodes")
+    ax_bytes.set_ylim(top=max(per_step) * 4)
     ax_bytes.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -547,7 +593,7 @@ def main(argv: list[str] | None = None) -> None:
         print_strategy(spec.name, results[spec.name])
     ratios = compare(results)
     checks = check_targets(ratios)
-    print_summary(ratios, checks, args.quick)
+    print_summary(ratios, checks, args.quick, results)
     total_s = time.perf_counter() - started
     print(f"benchmark_wall_s: {total_s:.1f}")
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -558,7 +604,8 @@ def main(argv: list[str] | None = None) -> None:
         "mode": "quick" if args.quick else "full",
         "config": cfg,
         "links_gbit": LINKS_GBIT,
-        "latency_s": LinkModel(1.0).latency_s,
+        "latency_s": LATENCY_S,
+        "cluster": CLUSTER,
         "environment": {"start": env_start, "end": _environment()},
         "ratio_caps": caps,
         "results": results,

@@ -1,0 +1,554 @@
+"""A communication planner: bytes, modeled time and speed-up of every strategy for a model on a cluster.
+
+Plain Python and torch (no Lightning import). For a workload (the parameter shapes and the compute time of one
+optimizer step) and a cluster (nodes x GPUs per node, intra- and inter-node bandwidth, latency), it lists the
+collectives each strategy issues per round, as the same
+:class:`~lightning_optx.distributed.CollectiveRecord` objects the strategies' ledgers hold, and times them
+with :class:`~lightning_optx.distributed.LinkModel` (one network model for the planner, the ledgers and the
+benchmark). The bytes of a compressed collective come from the compressor's own ``payload_bytes`` on
+shape-only (``meta``) tensors, so the planner and the strategies cannot disagree on an encoding.
+
+Topology. Collectives are hierarchical: inside a node over the intra-node link, across nodes over the
+inter-node link, where a node's GPUs each handle ``1/G`` of the payload (so a node sends what one rank of a
+flat collective among the nodes would). Compression runs across nodes only; inside a node the reduction is
+at full precision. Each node's inter-node link is independent (no congestion). See docs/planning.md.
+
+Exposure. DDP's gradient all-reduce hides behind the backward pass (:data:`BACKWARD_FRACTION` of the step's
+compute); an overlapped DiLoCo round hides behind the next round's compute (``H`` steps); everything else
+(compressed DDP, Local SGD, DiLoCo without overlap) blocks.
+
+Examples:
+    >>> workload = Workload.from_params(1_300_000_000, step_compute_s=0.5)
+    >>> cluster = Cluster(nodes=4, gpus_per_node=8, inter_gbps=10.0)
+    >>> rows = {r.strategy: r for r in plan(["ddp", "diloco"], workload, cluster)}
+    >>> round(rows["ddp"].inter_node_bytes_per_step / 1e9, 2)    # 2 (n-1)/n x 5.2 GB per node
+    7.8
+    >>> round(rows["ddp"].inter_node_bytes_per_step / rows["diloco"].inter_node_bytes_per_step)   # H = 500
+    500
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+
+from lightning_optx.compression import COMPRESSORS, Cast, get_compressor
+from lightning_optx.distributed import CollectiveRecord, LinkModel
+from lightning_optx.functional.diloco import check_diloco_args
+from lightning_optx.functional.local_sgd import check_period_args
+
+__all__ = [
+    "BACKWARD_FRACTION",
+    "DTYPE_BYTES",
+    "IGNORED_OPTIONS",
+    "STRATEGY_DEFAULTS",
+    "Cluster",
+    "PlannedCollective",
+    "StrategyPlan",
+    "StrategySpec",
+    "Workload",
+    "collectives_for",
+    "compute_seconds",
+    "exposed_seconds",
+    "plan",
+    "run_collectives",
+    "transformer_shapes",
+    "wire_bytes",
+]
+
+LinkClass = Literal["intra", "inter"]
+Hiding = Literal["none", "backward", "round"]
+
+BACKWARD_FRACTION = 2.0 / 3.0  # backward is 4 of a step's 6 N D FLOPs: the window DDP's all-reduce hides in
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+SPARSE_COLLECTIVES = ("all_gather", "two_stage")
+
+# What the planner models of each registered flag, with the defaults of the strategy classes (tests assert they
+# equal the registered classes' signatures and init params). `replica_size` is None: one node's GPUs per replica
+# when there are several nodes, else 1 (the node-replica design of the scale issue).
+_COMPRESSED: dict[str, Any] = {"compressor_options": {}}
+STRATEGY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ddp": {},
+    "local_sgd": {"period": 8, "average_buffers": True, "average_optimizer_state": False, "replica_size": None},
+    "ddp_powersgd": {"compressor": "powersgd", **_COMPRESSED},
+    "ddp_topk": {"compressor": "topk", **_COMPRESSED},
+    "ddp_sign": {"compressor": "sign", **_COMPRESSED},
+    "ddp_fp16": {"compressor": "fp16", **_COMPRESSED},
+    "ddp_bf16": {"compressor": "bf16", **_COMPRESSED},
+    "diloco": {"inner_steps": 500, "overlap": False, "compressor": None, "compressor_options": {}, "fragments": 1,
+               "replica_size": None},
+    "diloco_x": {"inner_steps": 500, "overlap": True, "compressor": "powersgd", "compressor_options": {"rank": 8},
+                 "fragments": 1, "replica_size": None},
+}
+OPTIMIZER_STATE_TENSORS = 2  # Local SGD's `average_optimizer_state`: AdamW's two moments per parameter
+# Strategy arguments accepted and ignored: they change no byte of the steady state (warm-up, learning rates,
+# error feedback; adaptive compression is planned at its starting level).
+_DILOCO_IGNORED = ("outer_optimizer", "outer_lr", "outer_momentum", "error_feedback", "adaptive_compression",
+                   "compression_bounds")
+IGNORED_OPTIONS: dict[str, tuple[str, ...]] = {
+    "ddp": (),
+    "local_sgd": ("warmup_steps", "min_period"),
+    **{f: ("error_feedback", "check_finite") for f in ("ddp_powersgd", "ddp_topk", "ddp_sign", "ddp_fp16", "ddp_bf16")},
+    "diloco": _DILOCO_IGNORED,
+    "diloco_x": _DILOCO_IGNORED,
+}
+MAX_PARAMS = 10**14
+
+
+def wire_bytes(record: CollectiveRecord) -> float:
+    """Bytes one participant sends for ``record``: its time on a 1 byte/s link without latency.
+
+    ``2 (n-1)/n b`` for an all-reduce (ring), ``(n-1) b`` for an all-gather, ``b`` for a broadcast; from
+    :meth:`LinkModel.seconds`, so bytes and time come from one formula.
+    """
+    return _BYTE_PER_SECOND.seconds(record)
+
+
+_BYTE_PER_SECOND = LinkModel(bandwidth_gbit=8e-9, latency_s=0.0)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one GPU computes per optimizer step, and what the strategies communicate about it.
+
+    Args:
+        shapes: shapes of the trainable parameters (compressors decide per tensor).
+        step_compute_s: forward + backward + optimizer time of one step on one GPU, communication excluded.
+        grad_bytes: bytes per gradient / parameter entry on the wire for DDP and Local SGD (4: DDP all-reduces
+            fp32 gradients under mixed precision). DiLoCo and the compressors always work in fp32.
+        frozen_numel: entries of frozen parameters (Local SGD averages every parameter).
+        buffer_numel: entries of floating-point buffers (Local SGD averages them with ``average_buffers``).
+
+    Examples:
+        >>> Workload(shapes=((4, 3), (4,)), step_compute_s=0.1).params
+        16
+    """
+
+    shapes: tuple[tuple[int, ...], ...]
+    step_compute_s: float
+    grad_bytes: int = 4
+    frozen_numel: int = 0
+    buffer_numel: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.shapes or self.params <= 0:
+            raise ValueError(f"`shapes` must hold at least one non-empty parameter, got shapes={self.shapes!r}.")
+        if not self.step_compute_s > 0:
+            raise ValueError(f"`step_compute_s` must be > 0, got step_compute_s={self.step_compute_s!r}.")
+        if self.grad_bytes not in DTYPE_BYTES.values():
+            raise ValueError(f"`grad_bytes` must be 4 or 2, got grad_bytes={self.grad_bytes!r}.")
+
+    @property
+    def params(self) -> int:
+        return sum(math.prod(s) for s in self.shapes)
+
+    @classmethod
+    def from_params(cls, params: int, step_compute_s: float, **kwargs: Any) -> Workload:
+        """A decoder-only transformer of ``params`` parameters (see :func:`transformer_shapes`)."""
+        return cls(shapes=transformer_shapes(params), step_compute_s=step_compute_s, **kwargs)
+
+    @classmethod
+    def from_module(cls, module: torch.nn.Module, step_compute_s: float, **kwargs: Any) -> Workload:
+        """The trainable parameters, frozen entries and floating buffers of ``module`` (``meta`` tensors work)."""
+        trainable = tuple(tuple(p.shape) for p in module.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+        buffers = sum(b.numel() for b in module.buffers() if b.is_floating_point())
+        return cls(shapes=trainable, step_compute_s=step_compute_s, frozen_numel=frozen, buffer_numel=buffers,
+                   **kwargs)
+
+
+# (least parameter count, width) of GPT-3's family, with Llama/Qwen-like widths for 60B and up
+WIDTHS = ((12 * 12 * 768**2, 768), (300e6, 1024), (700e6, 1536), (1.2e9, 2048), (2.5e9, 2560), (6e9, 4096),
+          (12e9, 5120), (25e9, 7168), (60e9, 8192), (150e9, 12288))
+
+
+def transformer_shapes(params: int) -> tuple[tuple[int, ...], ...]:
+    """Parameter shapes of a GPT-style model with exactly ``params`` entries.
+
+    Width ``d`` as in GPT-3's family (:data:`WIDTHS`: 2048 from 1.2B, 4096 from 6B, 8192 from 60B), layers
+    ``L = floor(params / 12 d^2)`` each of q, k, v, o ``(d, d)``, MLP ``(4d, d)`` and ``(d, 4d)`` and two
+    LayerNorm weights ``(d,)``; the rest is an embedding ``(vocab, d)`` and one 1-D remainder.
+
+    Examples:
+        >>> shapes = transformer_shapes(1_300_000_000)
+        >>> shapes[0], sum(math.prod(s) for s in shapes)
+        ((2048, 2048), 1300000000)
+    """
+    if not 1 <= params <= MAX_PARAMS:
+        raise ValueError(f"`params` must be in [1, {MAX_PARAMS:.0e}], got params={params!r}.")
+    widths = [w for least, w in WIDTHS if params >= least]
+    d = widths[-1] if widths else max(1, math.isqrt(max(1, params // 144)))
+    layer = [(d, d)] * 4 + [(4 * d, d), (d, 4 * d), (d,), (d,)]
+    per_layer = 12 * d * d + 2 * d
+    layers = params // per_layer
+    shapes: list[tuple[int, ...]] = [s for _ in range(layers) for s in layer]
+    rest = params - layers * per_layer
+    if rest // d:
+        shapes.append((rest // d, d))
+    if rest % d:
+        shapes.append((rest % d,))
+    return tuple(shapes)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Nodes of GPUs: bandwidths in Gbit/s per direction, latency per message in seconds.
+
+    Examples:
+        >>> Cluster(nodes=2, gpus_per_node=8).world_size
+        16
+    """
+
+    nodes: int = 1
+    gpus_per_node: int = 1
+    intra_gbps: float = 3600.0
+    inter_gbps: float = 10.0
+    latency_s: float = 50e-6
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "gpus_per_node"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be an integer >= 1, got {name}={value!r}.")
+        for name in ("intra_gbps", "inter_gbps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"`{name}` must be > 0, got {name}={getattr(self, name)!r}.")
+        if not self.latency_s >= 0:
+            raise ValueError(f"`latency_s` must be >= 0, got latency_s={self.latency_s!r}.")
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    def link(self, link: LinkClass) -> LinkModel:
+        return LinkModel(self.intra_gbps if link == "intra" else self.inter_gbps, self.latency_s)
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """A registered strategy flag and options that override its defaults (strategy or compressor options).
+
+    Examples:
+        >>> StrategySpec.parse("diloco:inner_steps=100,compressor=topk,density=0.05").options
+        {'inner_steps': 100, 'compressor': 'topk', 'density': 0.05}
+    """
+
+    flag: str
+    options: dict[str, Any] = field(default_factory=dict)
+    sparse_collective: str = "all_gather"
+
+    @classmethod
+    def parse(cls, text: str, sparse_collective: str = "all_gather") -> StrategySpec:
+        flag, _, rest = text.partition(":")
+        options: dict[str, Any] = {}
+        for item in filter(None, rest.split(",")):
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"option {item!r} of {flag!r} must be written key=value")
+            options[key.strip()] = _parse_value(value.strip())
+        return cls(flag.strip(), options, sparse_collective)
+
+    @property
+    def label(self) -> str:
+        if not self.options:
+            return self.flag
+        return self.flag + ":" + ",".join(f"{k}={v}" for k, v in self.options.items())
+
+    def resolved(self) -> dict[str, Any]:
+        """Defaults updated by the options; unknown keys go to the compressor. Raises ``ValueError``."""
+        if self.flag not in STRATEGY_DEFAULTS:
+            raise ValueError(f"unknown strategy {self.flag!r}; known: {', '.join(STRATEGY_DEFAULTS)}")
+        if self.sparse_collective not in SPARSE_COLLECTIVES:
+            raise ValueError(f"`sparse_collective` must be one of {SPARSE_COLLECTIVES}, got {self.sparse_collective!r}")
+        settings = dict(STRATEGY_DEFAULTS[self.flag])
+        compressor_options = dict(settings.get("compressor_options") or {})
+        if "compressor" in self.options and self.options["compressor"] != settings.get("compressor"):
+            compressor_options = {}  # the registered options belong to the registered compressor
+        for key, value in self.options.items():
+            if key in IGNORED_OPTIONS[self.flag]:
+                continue
+            if key == "qsr_alpha" and value is not None:
+                raise ValueError("qsr_alpha is not modeled (the period follows the learning rate); plan with the "
+                                 "period you expect instead")
+            if key in settings and key != "compressor_options":
+                settings[key] = value
+            elif "compressor" in settings:
+                compressor_options[key] = value
+            else:
+                known = ", ".join(k for k in settings if k != "compressor_options") or "none"
+                raise ValueError(f"unknown option {key!r} for {self.flag!r}; known: {known}")
+        if "compressor" in settings:
+            settings["compressor_options"] = compressor_options
+            if settings["compressor"] is None and compressor_options:
+                known = ", ".join(k for k in settings if k != "compressor_options")
+                raise ValueError(f"unknown option {sorted(compressor_options)[0]!r} for {self.flag!r} without a "
+                                 f"compressor; known: {known}")
+            _check_compressor(self.flag, settings)
+        return settings
+
+
+def _check_compressor(flag: str, settings: dict[str, Any]) -> None:
+    """Build the compressor once, rewording its errors to name the strategy and the option."""
+    name = settings["compressor"]
+    if name is None:
+        return
+    if str(name).lower() not in COMPRESSORS:
+        raise ValueError(f"{flag}: compressor must be None or one of {sorted(COMPRESSORS)}, got compressor={name!r}")
+    try:
+        get_compressor(name, **settings["compressor_options"])
+    except TypeError:
+        cls: Any = Cast if name in ("fp16", "bf16") else COMPRESSORS[str(name).lower()]
+        allowed = [p for p in inspect.signature(cls).parameters if p not in ("dtype", "error_feedback")]
+        unknown = sorted(set(settings["compressor_options"]) - set(allowed))
+        raise ValueError(f"unknown option {unknown[0] if unknown else '?'!r} for {flag!r}; known: "
+                         f"{', '.join(k for k in STRATEGY_DEFAULTS[flag] if k != 'compressor_options')}, and the "
+                         f"{name} compressor's {', '.join(allowed)}") from None
+    except ValueError as err:
+        raise ValueError(f"{flag}: {err}") from None
+
+
+def _parse_value(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+@dataclass(frozen=True)
+class PlannedCollective:
+    """One collective of a strategy: the record (payload per participant, participants), on which link, how
+    often (once every ``every`` optimizer steps) and what may hide it."""
+
+    record: CollectiveRecord
+    link: LinkClass
+    every: int = 1
+    hidden_behind: Hiding = "none"
+
+
+@dataclass(frozen=True)
+class StrategyPlan:
+    """The planner's answer for one strategy; times in seconds, per optimizer step (averaged over a round)."""
+
+    strategy: str
+    flag: str
+    options: dict[str, Any]
+    inter_node_bytes_per_step: float
+    intra_node_bytes_per_step: float
+    comm_time_s: float
+    exposed_comm_s: float
+    compute_s: float
+    step_time_s: float
+    speedup_vs_ddp: float
+    compute_utilisation: float
+    collectives: tuple[PlannedCollective, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "collectives"}
+        out["collectives_per_round"] = len(self.collectives)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- collectives
+
+
+def _record(kind: str, payload: float, world: int, tag: str) -> CollectiveRecord:
+    return CollectiveRecord(kind, round(payload), world, tag=tag)  # type: ignore[arg-type]
+
+
+def _compressor_messages(settings: dict[str, Any], shapes: Sequence[tuple[int, ...]], sparse: str
+                         ) -> list[tuple[str, int]]:
+    """``(kind, payload bytes)`` of one ``reduce_`` of the compressor over ``shapes`` (steady state)."""
+    name = settings["compressor"]
+    compressor: Any = get_compressor(name, **settings["compressor_options"])
+    compressor.iteration = getattr(compressor, "start_iter", 0)  # past PowerSGD's uncompressed warm-up
+    raw = packed = 0
+    p_bytes = 0
+    for shape, count in Counter(tuple(s) for s in shapes).items():
+        t = torch.empty(shape, device="meta")
+        nbytes = compressor.payload_bytes([t], 2)
+        if name not in ("fp16", "bf16") and nbytes == 4 * t.numel():
+            raw += count * nbytes
+            continue
+        packed += count * nbytes
+        if name == "powersgd":  # P (n x r) and Q (m x r) travel in two all-reduces
+            n = shape[0]
+            p_bytes += count * 4 * n * min(n, t.numel() // n, compressor.rank)
+    messages = [("all_reduce", raw)] if raw else []
+    if name == "powersgd" and packed:
+        messages += [("all_reduce", p_bytes), ("all_reduce", packed - p_bytes)]
+    elif name in ("topk", "sign") and packed:
+        # all_gather: what the code on main does; two_stage: a DeepSpeed-style compressed all-reduce
+        # (all-to-all of chunks, then all-gather of the reduced chunks): 2 (n-1)/n x payload, as a ring all-reduce.
+        messages.append(("all_gather" if sparse == "all_gather" else "all_reduce", packed))
+    elif packed:
+        messages.append(("all_reduce", packed))
+    return messages
+
+
+def _within_replica(payload: float, replica: int, cluster: Cluster, tag: str
+                    ) -> list[tuple[CollectiveRecord, LinkClass]]:
+    """An all-reduce among the ``replica`` ranks of one replica (hierarchical when it spans nodes)."""
+    g = cluster.gpus_per_node
+    out: list[tuple[CollectiveRecord, LinkClass]] = []
+    if min(replica, g) > 1:
+        out.append((_record("all_reduce", payload, min(replica, g), tag), "intra"))
+    if replica > g:
+        out.append((_record("all_reduce", payload, replica // g, tag), "inter"))
+    return out
+
+
+def _across_replicas(messages: list[tuple[str, int]], full_bytes: int, replica: int, cluster: Cluster, tag: str
+                     ) -> list[tuple[CollectiveRecord, LinkClass]]:
+    """Average across replicas: ``messages`` (a compressor's, or one fp32 all-reduce) across nodes, at full
+    precision inside a node; all inside one node: ``messages`` among its replicas."""
+    g, nodes = cluster.gpus_per_node, cluster.nodes
+    replicas = cluster.world_size // replica
+    if replicas == 1:
+        return []
+    if nodes == 1:
+        return [(_record(k, b, replicas, tag), "intra") for k, b in messages]
+    if replica >= g:  # whole nodes per replica: each of its nodes carries 1/(nodes per replica) of the payload
+        share = g / replica
+        return [(_record(k, b * share, replicas, tag), "inter") for k, b in messages]
+    out: list[tuple[CollectiveRecord, LinkClass]] = [(_record("all_reduce", full_bytes, g // replica, tag), "intra")]
+    return out + [(_record(k, b, nodes, tag), "inter") for k, b in messages]
+
+
+def _replica_size(settings: dict[str, Any], cluster: Cluster) -> int:
+    size = settings.get("replica_size")
+    if size is None:
+        return cluster.gpus_per_node if cluster.nodes > 1 else 1
+    g, world = cluster.gpus_per_node, cluster.world_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or not (
+            g % size == 0 or (size % g == 0 and world % size == 0)):
+        raise ValueError(f"replica_size must divide the GPUs per node ({g}) or be a multiple of it dividing the "
+                         f"world size ({world}), got replica_size={size!r}")
+    return size
+
+
+def collectives_for(spec: StrategySpec | str, workload: Workload, cluster: Cluster) -> list[PlannedCollective]:
+    """The collectives ``spec`` issues per round on ``cluster`` (payloads as the ledger records them)."""
+    spec = StrategySpec.parse(spec) if isinstance(spec, str) else spec
+    s = spec.resolved()
+    params = workload.params
+    fp32 = 4 * params
+    shapes = workload.shapes
+    flag = spec.flag
+    if flag == "ddp":
+        found = _within_replica(workload.grad_bytes * params, cluster.world_size, cluster, "grad")
+        return [PlannedCollective(r, link, 1, "backward") for r, link in found]
+    if "period" in s:  # local SGD
+        check_period_args(s["period"], 0, None, 1)
+        replica = _replica_size(s, cluster)
+        averaged = workload.grad_bytes * (params + workload.frozen_numel)
+        averaged += 4 * workload.buffer_numel * bool(s["average_buffers"])
+        averaged += 4 * OPTIMIZER_STATE_TENSORS * params * bool(s["average_optimizer_state"])
+        per_step = _within_replica(workload.grad_bytes * params, replica, cluster, "grad")
+        sync = _across_replicas([("all_reduce", averaged)], averaged, replica, cluster, "params")
+        return ([PlannedCollective(r, link, 1, "backward") for r, link in per_step]
+                + [PlannedCollective(r, link, s["period"]) for r, link in sync])
+    messages = (_compressor_messages(s, shapes, spec.sparse_collective) if s["compressor"] is not None
+                else [("all_reduce", fp32)])
+    if "inner_steps" in s:  # DiLoCo
+        check_diloco_args(s["inner_steps"], "nesterov", 0.7, 0.9, s["fragments"])
+        if s["fragments"] > len(shapes):
+            raise ValueError(f"`fragments` must be at most the number of parameters ({len(shapes)}), got "
+                             f"fragments={s['fragments']}.")
+        replica = _replica_size(s, cluster)
+        h, f = s["inner_steps"], s["fragments"]
+        per_step = _within_replica(workload.grad_bytes * params, replica, cluster, "grad")
+        sync = _across_replicas(messages, fp32, replica, cluster, "pseudo_grad")
+        hiding: Hiding = "round" if s["overlap"] else "none"
+        # F staggered fragments: F syncs per round, each about 1/F of the bytes
+        split = [(replace(r, payload_bytes=round(r.payload_bytes / f)), link) for r, link in sync for _ in range(f)]
+        return ([PlannedCollective(r, link, 1, "backward") for r, link in per_step]
+                + [PlannedCollective(r, link, h, hiding) for r, link in split])
+    found = _across_replicas(messages, fp32, 1, cluster, "grad")  # compressed DDP: blocking, every step
+    return [PlannedCollective(r, link) for r, link in found]
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+def exposed_seconds(collectives: Iterable[PlannedCollective], cluster: Cluster, compute_s: float
+                    ) -> tuple[float, float]:
+    """``(comm seconds, exposed seconds)`` per optimizer step, averaged over a round.
+
+    Blocking collectives are exposed in full; those hidden behind the backward pass share a window of
+    ``BACKWARD_FRACTION x compute_s`` per step; those hidden behind a round share ``every x compute_s``.
+    """
+    total = blocking = backward = 0.0
+    rounds: dict[int, float] = {}
+    for c in collectives:
+        t = cluster.link(c.link).seconds(c.record)
+        total += t / c.every
+        if c.hidden_behind == "backward":
+            backward += t / c.every
+        elif c.hidden_behind == "round":
+            rounds[c.every] = rounds.get(c.every, 0.0) + t
+        else:
+            blocking += t / c.every
+    exposed = blocking + max(0.0, backward - BACKWARD_FRACTION * compute_s)
+    exposed += sum(max(0.0, t - every * compute_s) / every for every, t in rounds.items())
+    return total, exposed
+
+
+def run_collectives(records: Iterable[CollectiveRecord], steps: int, link: LinkClass = "inter"
+                    ) -> list[PlannedCollective]:
+    """A run's ledger records (``steps`` optimizer steps) as planned collectives, for :func:`exposed_seconds`.
+
+    An overlapped ``"grad"`` record (DDP's bucket all-reduce) hides behind the backward pass, another overlapped
+    one (an overlapped DiLoCo round) behind compute; each counts ``1 / steps`` per step, so the windows of a
+    run's rounds add up to ``steps x compute`` (the same as per round when the rounds are alike).
+    """
+    if steps < 1:
+        raise ValueError(f"`steps` must be >= 1, got steps={steps!r}.")
+    out = []
+    for r in records:
+        hidden: Hiding = ("backward" if r.tag == "grad" else "round") if r.overlapped else "none"
+        out.append(PlannedCollective(r, link, steps, hidden))
+    return out
+
+
+def plan(specs: Sequence[StrategySpec | str], workload: Workload, cluster: Cluster) -> list[StrategyPlan]:
+    """One :class:`StrategyPlan` per spec, in order; speed-ups against plain DDP on the same cluster."""
+    parsed = [StrategySpec.parse(s) if isinstance(s, str) else s for s in specs]
+    compute = workload.step_compute_s
+    _, ddp_exposed = exposed_seconds(collectives_for(StrategySpec("ddp"), workload, cluster), cluster, compute)
+    ddp_step = compute + ddp_exposed
+    out = []
+    for spec in parsed:
+        found = collectives_for(spec, workload, cluster)
+        comm, exposed = exposed_seconds(found, cluster, compute)
+        step = compute + exposed
+        out.append(StrategyPlan(
+            strategy=spec.label, flag=spec.flag, options=dict(spec.options),
+            inter_node_bytes_per_step=sum(wire_bytes(c.record) / c.every for c in found if c.link == "inter"),
+            intra_node_bytes_per_step=sum(wire_bytes(c.record) / c.every for c in found if c.link == "intra"),
+            comm_time_s=comm, exposed_comm_s=exposed, compute_s=compute, step_time_s=step,
+            speedup_vs_ddp=ddp_step / step, compute_utilisation=compute / step, collectives=tuple(found),
+        ))
+    return out
+
+
+def compute_seconds(params: int, tokens_per_step: float, gpu_tflops: float, mfu: float) -> float:
+    """``6 x params x tokens / (tflops x mfu)``: one GPU's step time for ``tokens_per_step`` tokens.
+
+    Examples:
+        >>> round(compute_seconds(1_300_000_000, 16_384, gpu_tflops=989, mfu=0.4), 3)
+        0.323
+    """
+    return 6.0 * params * tokens_per_step / (gpu_tflops * 1e12 * mfu)

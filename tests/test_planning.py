@@ -1,0 +1,370 @@
+"""The communication planner: its byte counts, timing and exposure rules, defaults and command line."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lightning_optx import plan as cli
+from lightning_optx.compression import get_compressor
+from lightning_optx.distributed import CollectiveRecord, LinkModel
+from lightning_optx.planning import (
+    BACKWARD_FRACTION,
+    IGNORED_OPTIONS,
+    STRATEGY_DEFAULTS,
+    Cluster,
+    StrategySpec,
+    Workload,
+    collectives_for,
+    compute_seconds,
+    plan,
+    transformer_shapes,
+    wire_bytes,
+)
+from tests.helpers.models import TinyModule
+
+P = 1_300_000_000
+
+
+def one(spec: str, workload: Workload, cluster: Cluster):
+    (row,) = plan([spec], workload, cluster)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------- defaults
+
+
+def registered_settings(flag: str) -> dict:
+    """The registered class's constructor defaults updated by its registered init params."""
+    from lightning_optx.strategies import _REGISTERED
+
+    cls, _, init_params = _REGISTERED[flag]
+    defaults = {n: p.default for n, p in inspect.signature(cls).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return {**defaults, **init_params}
+
+
+PLANNER_ONLY = {"replica_size"}  # node replicas (scale issue): checked against the class once it takes them
+
+
+@pytest.mark.parametrize("flag", [f for f in STRATEGY_DEFAULTS if f != "ddp"])
+def test_planner_defaults_equal_the_registered_strategies(flag):
+    actual = registered_settings(flag)
+    for key, value in STRATEGY_DEFAULTS[flag].items():
+        if key not in actual:
+            assert key in PLANNER_ONLY, f"{flag}: the planner models {key!r}, which the strategy does not take"
+            continue
+        registered = actual[key] if key != "compressor_options" else (actual[key] or {})
+        assert value == registered, f"{flag}: planner default {key}={value!r}, strategy {registered!r}"
+
+
+@pytest.mark.parametrize("flag", [f for f in STRATEGY_DEFAULTS if f != "ddp"])
+def test_ignored_options_are_real_arguments_of_the_strategy(flag):
+    actual = registered_settings(flag)
+    assert set(IGNORED_OPTIONS[flag]) <= set(actual)
+
+
+def test_ignored_options_change_nothing():
+    w, cluster = Workload.from_params(P, 1.0), Cluster(nodes=4, gpus_per_node=8)
+    base, tuned = plan(["diloco_x", "diloco_x:outer_lr=0.5,adaptive_compression=false,error_feedback=false"], w,
+                       cluster)
+    assert tuned.inter_node_bytes_per_step == base.inter_node_bytes_per_step
+    assert tuned.step_time_s == base.step_time_s
+
+
+def test_overriding_the_compressor_drops_the_registered_compressor_options():
+    w, cluster = Workload.from_params(P, 1.0), Cluster(nodes=4, gpus_per_node=8)
+    (row,) = plan(["diloco_x:compressor=topk,density=0.01"], w, cluster)
+    (ref,) = plan(["diloco:overlap=true,compressor=topk,density=0.01"], w, cluster)
+    assert row.inter_node_bytes_per_step == ref.inter_node_bytes_per_step
+    (plain,) = plan(["diloco_x:compressor=none"], w, cluster)
+    assert plain.inter_node_bytes_per_step == pytest.approx(2 * 3 / 4 * 4 * P / 500)
+
+
+def test_planner_knows_every_registered_flag():
+    from lightning_optx.strategies import _REGISTERED
+
+    assert set(STRATEGY_DEFAULTS) == {"ddp", *_REGISTERED}
+
+
+# ---------------------------------------------------------------------------------------------- bytes
+
+
+@pytest.mark.parametrize("params", [1, 1000, 125_000_000, P, 7_000_000_000, 107_000_000_000])
+def test_transformer_shapes_hold_exactly_the_parameters(params):
+    assert sum(math.prod(s) for s in transformer_shapes(params)) == params
+
+
+def test_wire_bytes_are_the_link_model_at_one_byte_per_second():
+    link = LinkModel(bandwidth_gbit=80.0, latency_s=0.0)  # 1e10 bytes/s
+    for kind in ("all_reduce", "all_gather", "broadcast"):
+        for n in (2, 3, 8):
+            record = CollectiveRecord(kind, 1_000_000, n)
+            assert wire_bytes(record) == pytest.approx(link.seconds(record) * 1e10)
+    assert wire_bytes(CollectiveRecord("all_reduce", 800, 4)) == pytest.approx(2 * 3 / 4 * 800)
+    assert wire_bytes(CollectiveRecord("all_gather", 800, 4)) == pytest.approx(3 * 800)
+
+
+def test_ddp_sends_the_hierarchical_all_reduce():
+    w = Workload.from_params(P, 1.0)
+    row = one("ddp", w, Cluster(nodes=4, gpus_per_node=8))
+    assert row.inter_node_bytes_per_step == pytest.approx(2 * 3 / 4 * 4 * P)
+    assert row.intra_node_bytes_per_step == pytest.approx(2 * 7 / 8 * 4 * P)
+    bf16 = one("ddp", Workload.from_params(P, 1.0, grad_bytes=2), Cluster(nodes=4, gpus_per_node=8))
+    assert bf16.inter_node_bytes_per_step == pytest.approx(row.inter_node_bytes_per_step / 2)
+
+
+def test_diloco_paper_setup_sends_h_times_fewer_bytes():
+    """DiLoCo: H = 500, 8 replicas (one per node): 500x fewer inter-node bytes than DDP."""
+    w = Workload.from_params(P, 1.0)
+    cluster = Cluster(nodes=8, gpus_per_node=8)
+    ddp, diloco = plan(["ddp", "diloco"], w, cluster)
+    assert ddp.inter_node_bytes_per_step / diloco.inter_node_bytes_per_step == pytest.approx(500)
+
+
+def test_compressed_bytes_are_the_compressors_own_count():
+    module = TinyModule(model="transformer")
+    w = Workload.from_module(module, 1.0)
+    params = [p for p in module.parameters() if p.requires_grad]
+    for flag, name, options in [("ddp_powersgd", "powersgd", {}), ("ddp_topk", "topk", {}), ("ddp_sign", "sign", {}),
+                                ("ddp_fp16", "fp16", {}), ("ddp_powersgd:rank=2", "powersgd", {"rank": 2})]:
+        found = collectives_for(flag, w, Cluster(nodes=2))
+        expected = get_compressor(name, **options).payload_bytes(params, 2)
+        assert sum(c.record.payload_bytes for c in found) == expected, flag
+
+
+def test_sign_all_gather_grows_with_nodes_two_stage_does_not():
+    w = Workload(shapes=((4096, 4096),) * 8, step_compute_s=1.0)  # matrices only: no raw fp32 all-reduce
+    gather = [one("ddp_sign", w, Cluster(nodes=n)).inter_node_bytes_per_step for n in (2, 8, 64)]
+    two_stage = [plan([StrategySpec("ddp_sign", sparse_collective="two_stage")], w, Cluster(nodes=n))[0]
+                 .inter_node_bytes_per_step for n in (2, 8, 64)]
+    assert gather[2] / gather[0] == pytest.approx(63)
+    assert two_stage[2] / two_stage[0] == pytest.approx(2 * 63 / 64)  # 2 (n-1)/n of the payload
+    assert two_stage[0] == pytest.approx(gather[0])  # on 2 nodes both send the payload once
+
+
+def test_node_replicas_move_the_per_step_traffic_inside_the_node():
+    w = Workload.from_params(P, 1.0)
+    row = one("local_sgd:period=16", w, Cluster(nodes=2, gpus_per_node=2))
+    kinds = {(c.link, c.every, c.record.tag, c.record.world_size) for c in row.collectives}
+    assert kinds == {("intra", 1, "grad", 2), ("inter", 16, "params", 2)}
+    assert row.intra_node_bytes_per_step == pytest.approx(4 * P)  # 2 (2-1)/2 x 4P every step
+    assert row.inter_node_bytes_per_step == pytest.approx(4 * P / 16)
+    flat = one("local_sgd:period=16,replica_size=1", w, Cluster(nodes=2, gpus_per_node=2))
+    assert flat.inter_node_bytes_per_step == pytest.approx(row.inter_node_bytes_per_step)
+    assert flat.intra_node_bytes_per_step == pytest.approx(4 * P / 16)  # no per-step all-reduce
+
+
+def test_compressed_ddp_reduces_at_full_precision_inside_the_node():
+    w = Workload.from_params(P, 1.0)
+    row = one("ddp_fp16", w, Cluster(nodes=2, gpus_per_node=4))
+    assert row.intra_node_bytes_per_step == pytest.approx(2 * 3 / 4 * 4 * P)
+    assert row.inter_node_bytes_per_step == pytest.approx(2 * P)  # 2 (2-1)/2 x 2 bytes x P
+
+
+def test_fragments_split_bytes_not_their_total():
+    w = Workload.from_params(P, 1.0)
+    one_fragment = one("diloco:inner_steps=100", w, Cluster(nodes=4))
+    four = one("diloco:inner_steps=100,fragments=4", w, Cluster(nodes=4))
+    assert four.inter_node_bytes_per_step == pytest.approx(one_fragment.inter_node_bytes_per_step, rel=1e-9)
+    assert len(four.collectives) == 4 * len(one_fragment.collectives)
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+def test_times_come_from_the_link_model():
+    w = Workload.from_params(P, 10.0)
+    cluster = Cluster(nodes=4, gpus_per_node=1, inter_gbps=10.0, latency_s=1e-3)
+    row = one("ddp_fp16", w, cluster)
+    expected = LinkModel(10.0, 1e-3).seconds(CollectiveRecord("all_reduce", 2 * P, 4))
+    assert row.comm_time_s == pytest.approx(expected)
+    assert row.exposed_comm_s == pytest.approx(expected)  # compressed DDP blocks
+    assert row.step_time_s == pytest.approx(10.0 + expected)
+
+
+def test_ddp_hides_behind_the_backward_pass_only():
+    cluster = Cluster(nodes=2, inter_gbps=100.0, latency_s=0.0)
+    comm = 4 * P / (100e9 / 8)  # 2 (2-1)/2 x 4P bytes at 100 Gbit/s
+    hidden = one("ddp", Workload.from_params(P, 1.5 * comm / BACKWARD_FRACTION), cluster)
+    assert hidden.exposed_comm_s == 0.0 and hidden.comm_time_s == pytest.approx(comm)
+    exposed = one("ddp", Workload.from_params(P, comm), cluster)
+    assert exposed.exposed_comm_s == pytest.approx(comm - BACKWARD_FRACTION * comm)
+
+
+def test_overlap_hides_a_round_local_sgd_blocks():
+    cluster = Cluster(nodes=4, inter_gbps=1.0)
+    w = Workload.from_params(P, 1.0)
+    diloco, overlapped, local = plan(["diloco:inner_steps=100", "diloco:inner_steps=100,overlap=true",
+                                      "local_sgd:period=100"], w, cluster)
+    assert overlapped.comm_time_s == pytest.approx(diloco.comm_time_s)
+    assert diloco.exposed_comm_s == pytest.approx(diloco.comm_time_s)
+    assert local.exposed_comm_s == pytest.approx(local.comm_time_s)
+    round_comm = diloco.comm_time_s * 100
+    assert overlapped.exposed_comm_s == pytest.approx(max(0.0, round_comm - 100 * 1.0) / 100)
+    assert overlapped.speedup_vs_ddp > diloco.speedup_vs_ddp
+
+
+def test_speedup_is_step_time_ratio_and_ddp_is_one():
+    w = Workload.from_params(P, 0.5)
+    rows = plan(list(STRATEGY_DEFAULTS), w, Cluster(nodes=4, gpus_per_node=8, inter_gbps=10.0))
+    ddp = rows[0]
+    assert ddp.speedup_vs_ddp == 1.0
+    for r in rows:
+        assert r.speedup_vs_ddp == pytest.approx(ddp.step_time_s / r.step_time_s)
+        assert r.compute_utilisation == pytest.approx(0.5 / r.step_time_s)
+        assert 0 <= r.exposed_comm_s <= r.comm_time_s + 1e-12
+
+
+def test_compute_seconds_formula():
+    assert compute_seconds(10**9, 1000, gpu_tflops=100, mfu=0.5) == pytest.approx(6 * 10**12 / (50 * 10**12))
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("foo", "unknown strategy 'foo'"),
+    ("diloco:bar=1", "unknown option 'bar'"),
+    ("local_sgd:rank=4", "unknown option 'rank'"),
+    ("ddp_powersgd:bar=1", "unknown option 'bar'"),
+    ("ddp_topk:density=2", "density"),
+    ("local_sgd:period=0", "period"),
+    ("diloco:compressor=zip", "compressor"),
+    ("diloco:inner_steps=4,fragments=0", "fragments"),
+    ("diloco:inner_steps=6,fragments=4", "fragments"),
+    ("local_sgd:period=2.5", "period"),
+    ("local_sgd:qsr_alpha=0.02", "qsr_alpha"),
+])
+def test_bad_strategies_are_rejected_naming_the_option(spec, message):
+    with pytest.raises(ValueError, match=message):
+        plan([spec], Workload.from_params(P, 1.0), Cluster(nodes=2, gpus_per_node=8))
+
+
+def test_bad_replica_size_is_rejected():
+    with pytest.raises(ValueError, match="replica_size=3"):
+        plan(["diloco:replica_size=3"], Workload.from_params(P, 1.0), Cluster(nodes=2, gpus_per_node=8))
+
+
+@pytest.mark.parametrize(("kwargs", "name"), [({"nodes": 0}, "nodes"), ({"gpus_per_node": -1}, "gpus_per_node"),
+                                              ({"inter_gbps": 0.0}, "inter_gbps"), ({"latency_s": -1.0}, "latency")])
+def test_bad_cluster_is_rejected(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        Cluster(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+@pytest.mark.parametrize(("argv", "flag"), [
+    (["--params", "0", "--step-compute-s", "1"], "--params"),
+    (["--params", "-5", "--step-compute-s", "1"], "--params"),
+    (["--params", "1e9", "--step-compute-s", "0"], "--step-compute-s"),
+    (["--params", "1e9", "--step-compute-s", "1", "--nodes", "0"], "--nodes"),
+    (["--params", "1e9", "--step-compute-s", "1", "--gpus-per-node", "1.5"], "--gpus-per-node"),
+    (["--params", "1e9", "--step-compute-s", "1", "--inter-node-gbps", "0"], "--inter-node-gbps"),
+    (["--params", "1e9", "--step-compute-s", "1", "--intra-node-gbps", "nan"], "--intra-node-gbps"),
+    (["--params", "1e9", "--step-compute-s", "1", "--latency-ms", "-1"], "--latency-ms"),
+    (["--params", "1e9", "--tokens-per-step", "100", "--mfu", "1.5"], "--mfu"),
+    (["--params", "1e9", "--step-compute-s", "1", "--strategy", "nope"], "--strategy"),
+    (["--params", "1e9", "--step-compute-s", "1", "--strategy", "diloco:inner=5"], "--strategy"),
+    (["--params", "1e9"], "--step-compute-s"),
+    (["--params", "1e30", "--step-compute-s", "1"], "--params"),
+    (["--params", "1.5", "--step-compute-s", "1"], "--params"),
+    (["--params", "1e9", "--step-compute-s", "1", "--grad-dtype", "fp8"], "--grad-dtype"),
+    (["--model", "no_such_module:Model", "--step-compute-s", "1"], "--model"),
+])
+def test_bad_input_exits_2_with_one_line_naming_the_flag(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and flag in err, err
+
+
+def test_json_output_has_the_documented_fields(capsys):
+    assert cli.main(["--params", "1.3e9", "--tokens-per-step", "16384", "--nodes", "4", "--gpus-per-node", "8",
+                     "--inter-node-gbps", "10", "--json", "--strategy", "ddp", "diloco:inner_steps=100"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["strategy"] for r in rows] == ["ddp", "diloco:inner_steps=100"]
+    for key in ("strategy", "inter_node_bytes_per_step", "intra_node_bytes_per_step", "comm_time_s", "exposed_comm_s",
+                "step_time_s", "speedup_vs_ddp"):
+        assert key in rows[0]
+    assert rows[0]["inter_node_bytes_per_step"] / rows[1]["inter_node_bytes_per_step"] == pytest.approx(100)
+    compute = compute_seconds(1_300_000_000, 16384, 989.0, 0.4)
+    assert rows[0]["step_time_s"] >= compute
+
+
+def test_table_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "speedup.png"
+    assert cli.main(["--params", "7e9", "--step-compute-s", "2", "--plot", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert all(flag in text for flag in STRATEGY_DEFAULTS)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    grid, curves = cli.speedup_curves([StrategySpec("ddp"), StrategySpec("diloco")], Workload.from_params(P, 1.0),
+                                      Cluster(nodes=4, gpus_per_node=8), points=5)
+    assert grid[0] == pytest.approx(0.1) and grid[-1] == pytest.approx(400.0)
+    assert curves["ddp"] == [1.0] * 5 and curves["diloco"][0] > curves["diloco"][-1]
+
+
+def test_model_flag_counts_a_modules_parameters(capsys):
+    assert cli.main(["--model", "tests.helpers.models:TinyModule", "--step-compute-s", "0.01", "--nodes", "2",
+                     "--gpus-per-node", "1", "--json", "--strategy", "ddp"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    params = sum(p.numel() for p in TinyModule().parameters())
+    assert row["inter_node_bytes_per_step"] == pytest.approx(4 * params)
+
+
+def test_help_from_a_fresh_interpreter():
+    done = subprocess.run([sys.executable, "-m", "lightning_optx.plan", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "--inter-node-gbps" in done.stdout
+
+
+def test_meta_module_needs_no_memory():
+    with torch.device("meta"):
+        module = torch.nn.Linear(100_000, 100_000)  # 40 GB in fp32
+    assert Workload.from_module(module, 1.0).params == 100_000 * 100_001
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+
+
+def load_benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "communication.py"
+    spec = importlib.util.spec_from_file_location("communication_benchmark", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_models_time_with_the_planner():
+    bench = load_benchmark()
+    steps, compute = 10, 0.01
+    records = [CollectiveRecord("all_reduce", 4_000_000, 2, overlapped=True, tag="grad", step=s) for s in range(steps)]
+    t = LinkModel(1.0, bench.LATENCY_S).seconds(records[0])
+    got = bench.timing(records, compute, steps)["1gbit"]
+    assert got["wire_s"] == pytest.approx(steps * t)
+    assert got["exposed_s"] == pytest.approx(steps * max(0.0, t - BACKWARD_FRACTION * compute))
+    assert got["total_s"] == pytest.approx(steps * compute + got["exposed_s"])
+    specs = {s.name: s for s in bench.STRATEGIES}
+    assert bench.planner_spec(specs["ddp_powersgd"]) == "ddp_powersgd:rank=4"
+    assert bench.cluster_model(specs["ddp"])["speedup_vs_ddp"] == 1.0
+    assert all(bench.cluster_model(s)["speedup_vs_ddp"] > 0 for s in bench.STRATEGIES)
+
+
+def test_a_single_gpu_communicates_nothing():
+    rows = plan(list(STRATEGY_DEFAULTS), Workload.from_params(P, 1.0), Cluster())
+    assert all(r.comm_time_s == 0 and r.speedup_vs_ddp == 1.0 and r.inter_node_bytes_per_step == 0 for r in rows)
