@@ -28,6 +28,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from lightning_optx.functional.common import all_finite
+
 __all__ = [
     "DEFAULT_TARGET_PATTERNS",
     "all_finite",
@@ -165,20 +167,6 @@ def group_mean_abs(tensors: Sequence[Tensor], sizes: Sequence[int]) -> Tensor:
     totals = torch.zeros(len(sizes), dtype=torch.float32, device=l1.device)
     counts = torch.zeros(len(sizes), dtype=torch.float32, device=l1.device)
     return totals.index_add_(0, index, l1) / counts.index_add_(0, index, numel)
-
-
-def all_finite(tensors: Sequence[Tensor]) -> bool:
-    """Whether every element is finite (one fused pass, one host sync; norms in float32, so large but finite
-    fp16 gradients are not mistaken for an overflow).
-
-    Examples:
-        >>> all_finite([torch.full((2000,), 1e4, dtype=torch.float16)]), all_finite([torch.tensor([float("inf")])])
-        (True, False)
-    """
-    if not tensors:
-        return True
-    norms = torch._foreach_norm(list(tensors), ord=1, dtype=torch.float32)
-    return bool(torch.isfinite(torch.stack(list(norms)).sum()))
 
 
 def update_reference(reference: float | None, value: float) -> float | None:
