@@ -35,7 +35,7 @@ class DropoutSchedule(Callback):
     name contains "Dropout" and that has a float ``p``, and every float-valued dropout rate kept as a plain
     module attribute (``nn.MultiheadAttention.dropout``, ``attention_dropout`` of Llama-style attention,
     ``dropout_prob``, ``drop_rate``, ...: an attribute whose name contains "dropout" or is ``drop_rate`` /
-    ``drop_prob``, not a drop-path rate). Such attributes are only effective if the module reads them in
+    ``p_drop``, not a drop-path rate). Such attributes are only effective if the module reads them in
     ``forward``; their names are logged at the start of ``fit``. With ``target="drop_path"``:
     stochastic-depth modules (timm's ``DropPath`` with ``drop_prob``, torchvision's ``StochasticDepth``
     with ``p``), keeping their per-depth profile: a module built with rate ``r_i`` gets
@@ -195,7 +195,7 @@ class LateDropout(DropoutSchedule):
                          save_rng_state=save_rng_state)
 
 
-_RATE_ATTRIBUTE_NAMES = ("drop_rate", "drop_prob", "p_drop")
+_RATE_ATTRIBUTE_NAMES = ("drop_rate", "p_drop")
 
 
 def _is_rate_module(module: nn.Module, attr: str) -> bool:
@@ -216,7 +216,8 @@ def _rate_slots(root: nn.Module, target: Target) -> list[tuple[nn.Module, str, f
     slots: list[tuple[nn.Module, str, float]] = []
     for module in root.modules():
         name = type(module).__name__.lower()
-        if target == "dropout":
+        drop_path_module = "droppath" in name or "stochasticdepth" in name
+        if target == "dropout" and not drop_path_module:
             if isinstance(module, nn.modules.dropout._DropoutNd) or (
                 "dropout" in name and isinstance(getattr(module, "p", None), float)
             ):
@@ -224,7 +225,7 @@ def _rate_slots(root: nn.Module, target: Target) -> list[tuple[nn.Module, str, f
             for attr, value in vars(module).items():
                 if not attr.startswith("_") and _is_dropout_attribute(attr, value):
                     slots.append((module, attr, float(value)))
-        elif "droppath" in name or "stochasticdepth" in name:
+        elif target == "drop_path" and drop_path_module:
             for attr in ("drop_prob", "p"):
                 if isinstance(getattr(module, attr, None), (int, float)):
                     slots.append((module, attr, float(getattr(module, attr))))

@@ -22,7 +22,6 @@ from tests.helpers.models import TinyModule, TwoOptimizerModule, random_dataset
 from tests.helpers.recorder import StepRecorder, recorded_steps
 
 
-
 def grokfast_state(result):
     """The state of the one Grokfast callback of a run (its key holds every hyper-parameter)."""
     [state] = [v for k, v in result.callback_states.items() if k.startswith("Grokfast{")]
