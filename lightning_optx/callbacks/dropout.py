@@ -93,6 +93,7 @@ class DropoutSchedule(Callback):
         self._slots: list[tuple[nn.Module, str, float]] = []  # module, attribute, original rate
         self._levels = 0
         self.applied: list[float] = []  # the rate each slot holds now
+        self.scheduled_names: list[str] = []  # "<module>.<attribute>" of every scheduled rate
 
     @property
     def state_key(self) -> str:
@@ -101,7 +102,8 @@ class DropoutSchedule(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Not in `setup`: `configure_model` (which may build or compile the layers) runs after it.
         self._slots = _rate_slots(pl_module, self.target)
-        plain = [name for name, (module, attr, _) in zip(_slot_names(pl_module, self._slots), self._slots)
+        self.scheduled_names = _slot_names(pl_module, self._slots)
+        plain = [name for name, (module, attr, _) in zip(self.scheduled_names, self._slots)
                  if not _is_rate_module(module, attr)]
         if plain:
             rank_zero_info("DropoutSchedule: also scheduling float dropout attributes (effective if forward "

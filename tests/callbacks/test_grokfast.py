@@ -62,6 +62,30 @@ def test_exported_at_top_level():
     assert lightning_optx.Grokfast is lightning_optx.callbacks.Grokfast
 
 
+def test_state_key_holds_every_hyper_parameter_that_shapes_the_state():
+    keys = {Grokfast("ema", alpha=a, lamb=lam).state_key for a in (0.9, 0.98) for lam in (1.0, 2.0)}
+    keys |= {Grokfast("ma", window_size=w).state_key for w in (5, 10)}
+    assert len(keys) == 6
+
+
+def test_two_instances_coexist_and_resume_each_its_own_state(tmp_path):
+    """Two EMA filters in one Trainer (a slow and a fast one) used to collide on the state key."""
+    cbs = [Grokfast("ema", alpha=0.98, lamb=1.0), Grokfast("ema", alpha=0.5, lamb=0.5)]
+    straight, _ = check_resume_equivalence(job(cbs), total_epochs=3, split_epoch=1, tmp_dir=str(tmp_path))
+    slow, fast = (straight[0].callback_states[cb.state_key] for cb in cbs)
+    assert slow["filtered_steps"] == fast["filtered_steps"] == straight[0].global_step
+    assert any(not torch.equal(slow["ema"][n], fast["ema"][n]) for n in slow["ema"])
+
+
+def test_state_dict_is_on_the_cpu_and_detached_from_the_live_filter():
+    cb = Grokfast("ema")
+    cb._ema = {"w": torch.ones(3)}
+    saved = cb.state_dict()["ema"]["w"]
+    assert saved.device.type == "cpu" and saved.data_ptr() != cb._ema["w"].data_ptr()
+    cb._ema["w"].mul_(2)
+    assert saved.tolist() == [1.0, 1.0, 1.0]
+
+
 def test_loading_state_of_another_filter_is_refused():
     ema_state = Grokfast("ema").state_dict()
     with pytest.raises(ValueError, match=r"filter=.ema.*filter=.ma."):
