@@ -176,6 +176,9 @@ class GradES(Callback):
             rank_zero_info(f"GradES: the model is compiled; freeze decisions are batched every "
                            f"{self.freeze_interval} steps after the grace period (at most "
                            f"{self.compile_freeze_events} freeze events, each one recompile).")
+        # a checkpoint of an older version keys LoRA factors by parameter name: map them to their pair
+        self.frozen = {F.component_of(k) if k in self._params else k: v for k, v in self.frozen.items()}
+        self.reference = {F.component_of(k) if k in self._params else k: v for k, v in self.reference.items()}
         if self.remove_from_optimizer and self.frozen:
             # before the optimizer state is restored: the checkpoint's param groups lack the frozen matrices
             _remove_from_optimizers(trainer.optimizers, self._frozen_params(self.frozen))

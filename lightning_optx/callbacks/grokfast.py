@@ -213,4 +213,5 @@ class Grokfast(Callback):
 
 
 def _on_cpu(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {name: t.detach().to("cpu", copy=True) for name, t in tensors.items()}
+    # no copy for tensors already on the CPU: the checkpoint is serialised right away
+    return {name: t.detach().cpu() for name, t in tensors.items()}
