@@ -253,17 +253,16 @@ class GradES(Callback):
         skips (or a branch one rank did not reach) cannot leave the others waiting.
         """
         device = next(iter(self._params.values())).device
-        local = torch.zeros(2 * len(names), dtype=torch.float32, device=device)
-        for i, c in enumerate(names):
-            if not self._valid.get(c, False):
-                continue
-            if self.metric == "grad":
-                local[i] = self._pending[c]
-            else:
-                members = self._components[c]
-                deltas = [self._params[n].detach() - self._pending[n] for n in members]
-                local[i] = F.group_mean_abs(deltas, [len(members)])[0]
-            local[len(names) + i] = 1.0
+        measured = [c for c in names if self._valid.get(c, False)]
+        if self.metric == "grad":
+            values = [self._pending[c] for c in measured]
+        else:
+            deltas = [self._params[n].detach() - self._pending[n] for c in measured for n in self._components[c]]
+            values = list(F.group_mean_abs(deltas, [len(self._components[c]) for c in measured]))
+        by_name = dict(zip(measured, values))
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        flags = torch.tensor([c in by_name for c in names], dtype=torch.float32, device=device)
+        local = torch.cat([torch.stack([by_name.get(c, zero).to(device) for c in names]), flags])
         reduced = trainer.strategy.reduce(local, reduce_op="mean").float().cpu()
         valid = reduced[len(names):] > 1.0 - 1e-6
         metrics = reduced[:len(names)]
