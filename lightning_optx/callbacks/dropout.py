@@ -24,8 +24,9 @@ class DropoutSchedule(Callback):
     Following Liu et al., "Dropout Reduces Underfitting": *early* dropout (on for the first ``cutoff`` steps,
     then off) helps underfitting models; *late* dropout (off, then on after ``cutoff``) regularises
     overfitting ones. The rate is set at the start of each optimizer step (all micro-batches of an
-    accumulated step share it) from ``trainer.global_step``, so resuming from a checkpoint resumes the
-    schedule. At the end of ``fit`` every module gets its original rate back.
+    accumulated step share it) from the restored step counters, so resuming from a checkpoint resumes the
+    schedule. The early linear ramp is the authors' ``np.linspace(p, 0, cutoff)``. At the end of ``fit``
+    every module gets its original rate back.
 
     The clock and the planned length are in the same unit, optimizer-step rounds: ``trainer.global_step``
     under automatic optimization, the number of batches that stepped under manual optimization (where
@@ -51,7 +52,7 @@ class DropoutSchedule(Callback):
         p: the dropout rate, in ``[0, 1)``.
         cutoff: where the schedule switches: an int is a number of optimizer steps, a float in ``(0, 1)`` a
             fraction of the planned steps.
-        shape: ``"linear"`` (early: ramp ``p`` -> 0 across the cutoff; late: ramp 0 -> ``p`` after it) or
+        shape: ``"linear"`` (early: ``np.linspace(p, 0, cutoff)``; late: ramp 0 -> ``p`` after the cutoff) or
             ``"constant"`` (a step).
         target: ``"dropout"`` or ``"drop_path"``.
         levels: quantise the rate to this many values (0: exact; ``None``: exact unless the model is compiled).

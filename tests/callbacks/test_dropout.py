@@ -187,3 +187,17 @@ def test_drop_path_keeps_the_per_depth_profile():
     assert profiles[:2] == [[0.0, 0.0, 0.0]] * 2
     assert all(p == pytest.approx([0.0, 0.15, 0.3]) for p in profiles[2:])
     assert all(rates["dropout"] == [0.1] * 3 for _, rates in r.inspected)  # not touched by a drop_path schedule
+
+
+def test_manual_optimization_with_max_steps_plans_in_batches():
+    """Two optimizers: max_steps=16 optimizer steps are 8 batches; a cutoff of half the run is 4 batches."""
+    np = pytest.importorskip("numpy")
+    from tests.helpers.configurations import ConfigModule
+
+    [r] = run_job(TrainJob(module=functools.partial(ConfigModule, manual=True),
+                           callbacks=[EarlyDropout(p=0.4, cutoff=0.5)], trainer_kwargs={"max_steps": 16},
+                           inspect=lambda t, m: m.seen))
+    assert r.global_step == 16
+    assert [rnd for rnd, _ in r.inspected] == list(range(8))
+    expected = np.linspace(0.4, 0, 4).tolist() + [0.0] * 4
+    assert [rates["dropout"][0] for _, rates in r.inspected] == expected
