@@ -168,6 +168,11 @@ def test_a_branch_first_reached_at_step_1_is_measured_and_trained():
     names = [n for n in initial if n.startswith("expert.")]
     assert all(torch.equal(initial[n], after_round_1[n]) for n in names)  # not reached at round 0
     assert all(not torch.equal(after_round_1[n], last[n]) for n in names)  # trained from round 1 on
+    ema = state(r, "Grokfast")["ema"]
+    assert set(names) <= set(ema) and all(torch.isfinite(ema[n]).all() for n in names)  # filtered from round 1
+    for rnd, rates in r.inspected["seen"]:  # the expert's dropouts follow the schedule from the start
+        early = dropout_rate(rnd, PLANNED, "early", 0.3, PLANNED // 2, "linear")
+        assert rates["dropout"] == rates["attention_dropout"] == [early] * 4
     assert_freezing_is_sound(r)
 
 
@@ -203,7 +208,8 @@ def test_lora_minilm_freezes_adapter_pairs_and_resumes_bit_exact(tmp_path):
 
     cb = GradES(tau=0.5, tau_mode="relative", grace_fraction=0.25)
     # EarlyDropout also carries the RNG state across the resume (BERT's own dropouts draw from it)
-    j = TrainJob(module=lora_minilm, callbacks=[cb, DropoutSchedule(p=0.1, cutoff=4), RoundRecorder()],
+    j = TrainJob(module=lora_minilm,
+                 callbacks=[cb, Grokfast("ema", lamb=1.0), DropoutSchedule(p=0.1, cutoff=4), RoundRecorder()],
                  inspect=recorded,
                  trainer_kwargs={"max_epochs": 3})
     straight, _ = check_resume_equivalence(j, total_epochs=3, split_epoch=1, tmp_dir=str(tmp_path))
@@ -222,3 +228,6 @@ def test_lora_minilm_freezes_adapter_pairs_and_resumes_bit_exact(tmp_path):
             assert all(torch.equal(params[name], at_freeze) for step, params in records if step >= rnd), name
     base = [n for n in r.params if "lora_" not in n and not n.startswith("head.")]
     assert all(torch.equal(records[0][1][n], r.params[n]) for n in base)  # the base model never moves
+    grokfast = state(r, "Grokfast")  # filters only what trains: the 24 adapter factors and the head
+    assert grokfast["filtered_steps"] == r.global_step
+    assert len(grokfast["ema"]) == 26 and all("lora_" in n or n.startswith("head.") for n in grokfast["ema"])
