@@ -141,6 +141,11 @@ class GradES(Callback):
         return list(self._components)
 
     @property
+    def frozen_parameter_names(self) -> list[str]:
+        """Every frozen parameter (both factors of a frozen LoRA pair)."""
+        return [n for c in self.frozen for n in self._components.get(c, [])]
+
+    @property
     def active_names(self) -> list[str]:
         """Components not frozen yet."""
         return [c for c in self._components if c not in self.frozen]

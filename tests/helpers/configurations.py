@@ -195,7 +195,9 @@ def recorded(trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, Any]:
     the start of training) and, for a module compiled with a counting backend, its number of compiles."""
     recorder = next(cb for cb in trainer.callbacks if isinstance(cb, RoundRecorder))
     backend = getattr(getattr(module, "hparams", {}), "get", lambda *_: None)("compile")
+    grades = [cb for cb in trainer.callbacks if type(cb).__name__ == "GradES"]
     return {"seen": getattr(module, "seen", None), "records": recorder.records,
+            "frozen_parameters": grades[0].frozen_parameter_names if grades else None,
             "final_rates": scheduled_rates(module), "compile_frames": getattr(backend, "frame_count", None)}
 
 

@@ -220,6 +220,7 @@ def test_lora_minilm_freezes_adapter_pairs_and_resumes_bit_exact(tmp_path):
     assert all(k.endswith(".lora[default]") for k in grades["reference"])
     assert all(v > 0 for v in grades["reference"].values())  # lora_A's first gradient is 0 (lora_B = 0)
     assert grades["frozen"]
+    assert len(r.inspected["frozen_parameters"]) == 2 * len(grades["frozen"])
     records = r.inspected["records"]
     for component, rnd in grades["frozen"].items():
         for factor in ("lora_A", "lora_B"):
