@@ -82,8 +82,10 @@ class Grokfast(Callback):
 
     @property
     def state_key(self) -> str:
-        # alpha and lamb stay out of the key: changing them on resume keeps the filter state.
-        return self._generate_state_key(filter=self.filter)
+        # Every hyper-parameter that shapes the filter state: two differently configured instances coexist,
+        # and a resume with a different setting starts a fresh filter instead of misreading the old one.
+        return self._generate_state_key(filter=self.filter, alpha=self.alpha, lamb=self.lamb,
+                                        window_size=self.window_size)
 
     # ------------------------------------------------------------------ hooks
 
@@ -183,9 +185,11 @@ class Grokfast(Callback):
             "window_size": self.window_size,
             "filtered_steps": self.filtered_steps,
             "skipped_nonfinite_steps": self.skipped_nonfinite_steps,
-            "ema": dict(self._ema),
-            "ring": dict(self._ring),
-            "total": dict(self._total),
+            # On the CPU: a multi-GPU resume would otherwise deserialise every rank's copy onto the saving
+            # rank's device first. The filters move each tensor back to its parameter's device on first use.
+            "ema": _on_cpu(self._ema),
+            "ring": _on_cpu(self._ring),
+            "total": _on_cpu(self._total),
             "ring_cursor": dict(self._ring_cursor),
         }
 
@@ -206,3 +210,8 @@ class Grokfast(Callback):
         self._ring = dict(state_dict["ring"])
         self._total = dict(state_dict["total"])
         self._ring_cursor = {k: (int(c), int(p)) for k, (c, p) in state_dict["ring_cursor"].items()}
+
+
+def _on_cpu(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    # no copy for tensors already on the CPU: the checkpoint is serialised right away
+    return {name: t.detach().cpu() for name, t in tensors.items()}

@@ -28,12 +28,19 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from lightning_optx.functional.common import all_finite
+
 __all__ = [
     "DEFAULT_TARGET_PATTERNS",
+    "all_finite",
     "check_grades_args",
+    "component_of",
     "find_targets",
     "freeze_mask",
+    "group_components",
+    "group_mean_abs",
     "mean_abs",
+    "update_reference",
 ]
 
 #: Parameter-name patterns of attention and feed-forward weight matrices in common layouts.
@@ -96,13 +103,85 @@ def _matching(names: Sequence[str], patterns: Sequence[str]) -> list[str]:
     return [n for n in names if any(c.search(n) for c in compiled)]
 
 
+_LORA_SPLIT = re.compile(
+    r"^(?P<module>.*?)\.?lora_[AB]\.(?P<adapter>[^.]+)\.weight$|^(?P<bare>.*?)\.?lora_[AB]\.weight$"
+)
+
+
+def component_of(name: str) -> str:
+    """The component a parameter belongs to: its own name, or ``<module>.lora[<adapter>]`` for a LoRA factor.
+
+    The authors' code treats the ``lora_A`` / ``lora_B`` pair of one adapted layer as one component: it is
+    measured as a whole (the L1 norms of both factors added) and frozen as a whole. Grouping also makes the
+    pair robust to PEFT's default initialisation (``lora_B = 0``), under which ``lora_A``'s first gradient is
+    exactly zero.
+
+    Examples:
+        >>> component_of("base_model.model.layer.0.query.lora_A.default.weight")
+        'base_model.model.layer.0.query.lora[default]'
+        >>> component_of("blocks.0.attn.q_proj.weight")
+        'blocks.0.attn.q_proj.weight'
+    """
+    match = _LORA_SPLIT.match(name)
+    if match is None:
+        return name
+    if match.group("adapter") is not None:
+        return f"{match.group('module')}.lora[{match.group('adapter')}]"
+    return f"{match.group('bare')}.lora"
+
+
+def group_components(names: Iterable[str]) -> dict[str, list[str]]:
+    """``{component: [parameter names]}`` in first-seen order (see :func:`component_of`)."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(component_of(name), []).append(name)
+    return groups
+
+
 def mean_abs(tensors: Sequence[Tensor]) -> Tensor:
-    """The mean absolute value of each tensor, as one float32 vector (one fused pass, no host sync)."""
+    """The mean absolute value of each tensor, as one float32 vector (one fused pass, no host sync).
+
+    The L1 norms are accumulated in float32 whatever the tensors' dtype: an fp16 sum overflows to inf from
+    65504 on, which a 4096 x 4096 matrix of 0.01-sized gradients already reaches.
+    """
+    return group_mean_abs(tensors, [1] * len(tensors))
+
+
+def group_mean_abs(tensors: Sequence[Tensor], sizes: Sequence[int]) -> Tensor:
+    """The mean absolute value of consecutive groups of tensors (``sizes[i]`` tensors in group ``i``), float32.
+
+    A group's value is the sum of its members' L1 norms over the sum of their element counts.
+
+    Examples:
+        >>> group_mean_abs([torch.tensor([1.0, -3.0]), torch.zeros(2), torch.tensor([4.0])], [2, 1])
+        tensor([1., 4.])
+    """
     if not tensors:
         return torch.zeros(0)
-    l1 = torch.stack([n.float() for n in torch._foreach_norm(list(tensors), ord=1)])
-    sizes = torch.tensor([t.numel() for t in tensors], dtype=torch.float32, device=l1.device)
-    return l1 / sizes
+    if sum(sizes) != len(tensors):
+        raise ValueError(f"`sizes` must add up to the number of tensors ({len(tensors)}), got sizes={list(sizes)}.")
+    l1 = torch.stack(list(torch._foreach_norm(list(tensors), ord=1, dtype=torch.float32)))
+    numel = torch.tensor([t.numel() for t in tensors], dtype=torch.float32, device=l1.device)
+    index = torch.repeat_interleave(torch.arange(len(sizes), device=l1.device),
+                                    torch.tensor(list(sizes), device=l1.device))
+    totals = torch.zeros(len(sizes), dtype=torch.float32, device=l1.device)
+    counts = torch.zeros(len(sizes), dtype=torch.float32, device=l1.device)
+    return totals.index_add_(0, index, l1) / counts.index_add_(0, index, numel)
+
+
+def update_reference(reference: float | None, value: float) -> float | None:
+    """The relative-mode reference after one more measurement: the running maximum of the finite values.
+
+    A non-finite value (an overflowing fp16 step) never becomes the reference; a zero first value (a
+    zero-initialised adapter) is replaced by the first non-zero one.
+
+    Examples:
+        >>> update_reference(None, 0.0), update_reference(0.0, 2.0), update_reference(2.0, float("nan"))
+        (0.0, 2.0, 2.0)
+    """
+    if value != value or value in (float("inf"), float("-inf")):
+        return reference
+    return value if reference is None else max(reference, value)
 
 
 def freeze_mask(metrics: Tensor, tau: float, reference: Tensor | None = None) -> Tensor:

@@ -159,3 +159,45 @@ def test_torch_compile_gives_eager_losses_and_quantizes_the_rate():
     assert len(set(compiled.series("dropout/p"))) <= 4  # quantised automatically: no recompile storm
     torch.testing.assert_close(torch.tensor(compiled.series("train_loss")), torch.tensor(eager.series("train_loss")),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_float_dropout_attributes_are_scheduled_and_named():
+    """Llama-style attention keeps its rate as a float (`attention_dropout`): it is driven like nn.Dropout."""
+    from tests.helpers.configurations import ConfigModule
+
+    def inspect(trainer, module):
+        return module.seen, next(c for c in trainer.callbacks if isinstance(c, EarlyDropout)).scheduled_names
+
+    [r] = run_job(TrainJob(module=ConfigModule, callbacks=[EarlyDropout(p=0.4, cutoff=3, shape="constant")],
+                           trainer_kwargs={"max_epochs": 1}, inspect=inspect))
+    seen, names = r.inspected
+    assert [rates["attention_dropout"] for _, rates in seen] == [[0.4] * 3] * 3 + [[0.0] * 3] * 5
+    assert [rates["drop_path"] for _, rates in seen] == [torch.linspace(0, 0.1, 3).tolist()] * 8
+    assert sorted(names) == sorted([f"net.blocks.{i}.{a}" for i in range(3)
+                                    for a in ("attn.attention_dropout", "drop.p")])
+
+
+def test_drop_path_keeps_the_per_depth_profile():
+    """Blocks built with linspace(0, 0.1, 3) get rate * r_i / max r: 0, rate / 2, rate."""
+    from tests.helpers.configurations import ConfigModule
+
+    [r] = run_job(TrainJob(module=ConfigModule, callbacks=[LateDropout(p=0.3, cutoff=2, target="drop_path")],
+                           trainer_kwargs={"max_epochs": 1}, inspect=lambda t, m: m.seen))
+    profiles = [rates["drop_path"] for _, rates in r.inspected]
+    assert profiles[:2] == [[0.0, 0.0, 0.0]] * 2
+    assert all(p == pytest.approx([0.0, 0.15, 0.3]) for p in profiles[2:])
+    assert all(rates["dropout"] == [0.1] * 3 for _, rates in r.inspected)  # not touched by a drop_path schedule
+
+
+def test_manual_optimization_with_max_steps_plans_in_batches():
+    """Two optimizers: max_steps=16 optimizer steps are 8 batches; a cutoff of half the run is 4 batches."""
+    np = pytest.importorskip("numpy")
+    from tests.helpers.configurations import ConfigModule
+
+    [r] = run_job(TrainJob(module=functools.partial(ConfigModule, manual=True),
+                           callbacks=[EarlyDropout(p=0.4, cutoff=0.5)], trainer_kwargs={"max_steps": 16},
+                           inspect=lambda t, m: m.seen))
+    assert r.global_step == 16
+    assert [rnd for rnd, _ in r.inspected] == list(range(8))
+    expected = np.linspace(0.4, 0, 4).tolist() + [0.0] * 4
+    assert [rates["dropout"][0] for _, rates in r.inspected] == expected

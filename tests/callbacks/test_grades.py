@@ -149,3 +149,31 @@ def test_lightning_cli_builds_grades_with_regex_targets():
                              "--trainer.callbacks.tau_mode=relative", '--trainer.callbacks.targets=["fc1"]'])
     [cb] = [c for c in cli.trainer.callbacks if isinstance(c, GradES)]
     assert (cb.tau, cb.tau_mode, cb.targets) == (0.2, "relative", ["fc1"])
+
+
+def test_compile_freeze_events_is_validated():
+    with pytest.raises(ValueError, match=r"`compile_freeze_events` must be an integer >= 1, got "
+                                         r"compile_freeze_events=0"):
+        GradES(tau=1e-3, compile_freeze_events=0)
+
+
+class ConstantGradient(TinyModule):
+    """One 256 x 256 matrix whose gradient is exactly 8 everywhere (all-ones inputs, loss = sum of outputs)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(model="mlp", optimizer="plain_sgd", lr=1e-6, **kwargs)
+        self.net = torch.nn.Sequential()
+        self.net.fc1 = torch.nn.Linear(256, 256, bias=False)
+
+    def training_step(self, batch, batch_idx):
+        return self.net.fc1(torch.ones(8, 256, dtype=self.net.fc1.weight.dtype)).sum()
+
+
+def test_16_true_norms_do_not_overflow():
+    """fp16 weights and gradients: the L1 norm (524288) is past fp16's range; the metric must stay 8."""
+    cb = GradES(tau=1.0, targets=[r"fc1\.weight$"], grace_fraction=0.5)
+    [r] = run_job(job([cb], module=ConstantGradient, epochs=1, precision="16-true"))
+    state = r.callback_states[cb.state_key]
+    assert state["last_metrics"] == {"net.fc1.weight": 8.0}
+    assert state["reference"] == {"net.fc1.weight": 8.0}
+    assert not state["frozen"] and state["measured_steps"] == r.global_step == 8

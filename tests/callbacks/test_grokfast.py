@@ -21,8 +21,11 @@ from tests.helpers import (
 from tests.helpers.models import TinyModule, TwoOptimizerModule, random_dataset
 from tests.helpers.recorder import StepRecorder, recorded_steps
 
-GROKFAST_KEY_EMA = Grokfast("ema").state_key
-GROKFAST_KEY_MA = Grokfast("ma").state_key
+
+def grokfast_state(result):
+    """The state of the one Grokfast callback of a run (its key holds every hyper-parameter)."""
+    [state] = [v for k, v in result.callback_states.items() if k.startswith("Grokfast{")]
+    return state
 
 
 def job(callbacks, epochs=2, module=None, **trainer_kwargs):
@@ -57,6 +60,35 @@ def test_exported_at_top_level():
     import lightning_optx.callbacks
 
     assert lightning_optx.Grokfast is lightning_optx.callbacks.Grokfast
+
+
+def test_state_key_holds_every_hyper_parameter_that_shapes_the_state():
+    keys = {Grokfast("ema", alpha=a, lamb=lam).state_key for a in (0.9, 0.98) for lam in (1.0, 2.0)}
+    keys |= {Grokfast("ma", window_size=w).state_key for w in (5, 10)}
+    assert len(keys) == 6
+
+
+def test_two_instances_coexist_and_resume_each_its_own_state(tmp_path):
+    """Two EMA filters in one Trainer (a slow and a fast one) used to collide on the state key."""
+    cbs = [Grokfast("ema", alpha=0.98, lamb=1.0), Grokfast("ema", alpha=0.5, lamb=0.5)]
+    straight, _ = check_resume_equivalence(job(cbs), total_epochs=3, split_epoch=1, tmp_dir=str(tmp_path))
+    slow, fast = (straight[0].callback_states[cb.state_key] for cb in cbs)
+    assert slow["filtered_steps"] == fast["filtered_steps"] == straight[0].global_step
+    assert any(not torch.equal(slow["ema"][n], fast["ema"][n]) for n in slow["ema"])
+
+
+def test_state_dict_is_on_the_cpu_and_moves_back_to_the_parameters_device():
+    """Saved on the CPU; loaded state follows the gradient's device at the first filtered step (``meta``
+    stands in for a GPU here)."""
+    cb = Grokfast("ema", alpha=0.5, lamb=1.0)
+    cb._ema = {"v": torch.ones(2)}
+    saved = cb.state_dict()
+    assert {t.device.type for t in saved["ema"].values()} == {"cpu"}
+    fresh = Grokfast("ema", alpha=0.5, lamb=1.0)
+    fresh.load_state_dict(saved)
+    grad = torch.full((2,), 3.0, device="meta")
+    fresh._apply_ema(["v"], [grad])
+    assert fresh._ema["v"].device.type == "meta"
 
 
 def test_loading_state_of_another_filter_is_refused():
@@ -96,14 +128,14 @@ def test_trainer_run_equals_reference_loop():
             opt.step()
     for n, p in zip(names, params):
         torch.testing.assert_close(result.params[n], p.detach(), rtol=1e-5, atol=1e-6)
-    assert result.callback_states[GROKFAST_KEY_EMA]["filtered_steps"] == result.global_step == 16
+    assert grokfast_state(result)["filtered_steps"] == result.global_step == 16
 
 
 def test_slow_gradient_norm_is_logged_every_step():
     [result] = run_job(job([Grokfast("ema")]))
     logged = result.series("grokfast/slow_grad_norm")
     assert len(logged) == result.global_step
-    ema = result.callback_states[GROKFAST_KEY_EMA]["ema"]
+    ema = grokfast_state(result)["ema"]
     expected = torch.linalg.vector_norm(torch.stack([t.norm() for t in ema.values()])).item()
     assert logged[-1] == pytest.approx(expected, rel=1e-6)
 
@@ -115,7 +147,7 @@ def test_ma_logs_only_once_window_is_full():
 
 def test_start_step_delays_the_filter():
     [result] = run_job(job([Grokfast("ema", start_step=5)]))
-    assert result.callback_states[GROKFAST_KEY_EMA]["filtered_steps"] == result.global_step - 5
+    assert grokfast_state(result)["filtered_steps"] == result.global_step - 5
 
 
 def test_filter_changes_training():
@@ -134,7 +166,7 @@ def test_gradient_accumulation_filters_once_per_optimizer_step():
     [acc] = run_job(accumulated)
     [full] = run_job(job([Grokfast("ema")], module=functools.partial(TinyModule, model="mlp", batch_size=8)))
     assert acc.global_step == full.global_step == 16
-    assert acc.callback_states[GROKFAST_KEY_EMA]["filtered_steps"] == 16
+    assert grokfast_state(acc)["filtered_steps"] == 16
     for n in full.params:
         torch.testing.assert_close(acc.params[n], full.params[n], rtol=1e-5, atol=1e-6)
 
@@ -169,10 +201,10 @@ def test_gradient_clipping_applies_to_the_amplified_gradient():
 def test_several_param_groups_and_optimizers():
     [groups] = run_job(job([Grokfast("ema")], module=functools.partial(TinyModule, two_param_groups=True)))
     names = set(groups.params)
-    assert set(groups.callback_states[GROKFAST_KEY_EMA]["ema"]) == names
+    assert set(grokfast_state(groups)["ema"]) == names
 
     [manual] = run_job(job([Grokfast("ma", window_size=3)], module=functools.partial(TwoOptimizerModule)))
-    state = manual.callback_states[GROKFAST_KEY_MA]
+    state = grokfast_state(manual)
     assert set(state["ring"]) == set(manual.params)
     # one filter pass per optimizer step, two optimizer steps per batch
     assert state["filtered_steps"] == manual.global_step == 32
@@ -217,15 +249,15 @@ def test_nonfinite_gradients_do_not_poison_the_filter(filter_name):
 
 def test_bf16_mixed_precision():
     [result] = run_job(job([Grokfast("ema")], precision="bf16-mixed"))
-    ema = result.callback_states[GROKFAST_KEY_EMA]["ema"]
+    ema = grokfast_state(result)["ema"]
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in ema.values())
-    assert result.callback_states[GROKFAST_KEY_EMA]["filtered_steps"] == result.global_step
+    assert grokfast_state(result)["filtered_steps"] == result.global_step
 
 
 def test_bf16_true_parameters_keep_float32_filter_state():
     module = functools.partial(TinyModule, model="mlp", optimizer="sgd")
     [result] = run_job(job([Grokfast("ma", window_size=4)], module=module, precision="bf16-true"))
-    state = result.callback_states[GROKFAST_KEY_MA]
+    state = grokfast_state(result)
     assert all(p.dtype == torch.bfloat16 for p in result.params.values())
     assert all(t.dtype == torch.float32 for t in state["ring"].values())
 

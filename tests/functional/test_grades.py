@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lightning_optx.functional import grades as F
+from lightning_optx.functional.grades import group_components, group_mean_abs, mean_abs, update_reference
 
 BERT = [f"encoder.layer.0.{n}.weight" for n in (
     "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
@@ -60,3 +61,62 @@ def test_argument_errors(kwargs, pattern):
     args = {"tau": 1e-3, "grace_fraction": 0.5, "metric": "grad", "tau_mode": "absolute", **kwargs}
     with pytest.raises(ValueError, match=pattern):
         F.check_grades_args(**args)
+
+
+# ---------------------------------------------------------------- fp32 norms, LoRA components, references
+
+
+def test_fp16_norms_accumulate_in_float32():
+    """A 256 x 256 fp16 gradient of 8s has an L1 norm of 524288: an fp16 sum overflows to inf."""
+    grad = torch.full((256, 256), 8.0, dtype=torch.float16)
+    assert torch.isinf(torch.linalg.vector_norm(grad, ord=1))  # what the old fp16 accumulation returned
+    assert mean_abs([grad]).tolist() == [8.0]
+    assert mean_abs([grad]).dtype == torch.float32
+
+
+def test_group_mean_abs_is_the_pooled_mean():
+    a, b, c = torch.tensor([1.0, -3.0]), torch.zeros(6), torch.tensor([4.0])
+    assert group_mean_abs([a, b, c], [2, 1]).tolist() == [0.5, 4.0]  # (1 + 3 + 0) / 8, then 4 / 1
+    with pytest.raises(ValueError, match=r"`sizes` must add up to the number of tensors \(3\)"):
+        group_mean_abs([a, b, c], [1, 1])
+
+
+def test_lora_factors_form_one_component_per_layer_and_adapter():
+    names = [
+        "enc.layer.0.attention.self.query.lora_A.default.weight",
+        "enc.layer.0.attention.self.query.lora_B.default.weight",
+        "enc.layer.0.attention.self.query.lora_A.other.weight",
+        "enc.layer.0.attention.self.value.lora_B.default.weight",
+        "enc.layer.0.attention.self.value.lora_A.default.weight",
+        "blocks.0.fc1.weight",
+        "custom.lora_A.weight",
+        "custom.lora_B.weight",
+    ]
+    assert group_components(names) == {
+        "enc.layer.0.attention.self.query.lora[default]": names[:2],
+        "enc.layer.0.attention.self.query.lora[other]": [names[2]],
+        "enc.layer.0.attention.self.value.lora[default]": [names[3], names[4]],
+        "blocks.0.fc1.weight": [names[5]],
+        "custom.lora": names[6:],
+    }
+
+
+def test_a_zero_initialised_lora_pair_has_a_non_zero_metric():
+    """PEFT's init: lora_B = 0, so lora_A's gradient is exactly 0; the pair's metric is lora_B's share."""
+    a, b = torch.randn(4, 16), torch.zeros(16, 4)
+    x = torch.randn(8, 16)
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    (x @ a.T @ b.T * torch.randn(8, 16)).sum().backward()
+    assert torch.count_nonzero(a.grad) == 0 and torch.count_nonzero(b.grad) > 0
+    pair = group_mean_abs([a.grad, b.grad], [2])
+    assert pair.item() == pytest.approx(b.grad.abs().sum().item() / (a.numel() + b.numel()), rel=1e-6)
+    assert pair.item() > 0
+
+
+def test_reference_is_the_running_max_of_finite_values():
+    ref = None
+    for value in [float("nan"), 0.0, float("inf"), 3.0, 1.0, float("-inf"), 5.0, 2.0]:
+        ref = update_reference(ref, value)
+    assert ref == 5.0
+    assert update_reference(None, float("nan")) is None

@@ -13,7 +13,24 @@ def rates(mode, shape, total=10, p=0.5, cutoff=4):
 
 def test_early_constant_and_linear():
     assert rates("early", "constant") == [0.5] * 4 + [0.0] * 6
-    assert rates("early", "linear") == [0.5, 0.375, 0.25, 0.125] + [0.0] * 6
+    assert rates("early", "linear") == pytest.approx([0.5, 1 / 3, 1 / 6, 0.0] + [0.0] * 6)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.123])
+@pytest.mark.parametrize("cutoff", [1, 2, 7, 50])
+def test_early_linear_is_the_authors_linspace_bit_for_bit(p, cutoff):
+    """The authors' drop_scheduler: early linear rates are np.linspace(p, 0, cutoff), then zeros."""
+    np = pytest.importorskip("numpy")
+    total = cutoff + 5
+    expected = np.concatenate([np.linspace(p, 0, cutoff), np.zeros(total - cutoff)]).tolist()
+    assert rates("early", "linear", total=total, p=p, cutoff=cutoff) == expected
+
+
+def test_depth_profile_scales_the_built_rates():
+    built = [0.0, 0.1 / 3, 0.2 / 3, 0.1]  # timm: linspace(0, drop_path_rate=0.1, depth=4)
+    assert S.depth_profile(built, 0.3) == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    assert S.depth_profile(built, 0.0) == [0.0] * 4
+    assert S.depth_profile([0.0, 0.0], 0.2) == [0.2, 0.2]  # no profile to keep: uniform
 
 
 def test_late_constant_and_linear():
