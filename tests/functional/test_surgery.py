@@ -55,9 +55,9 @@ def test_sum_mean_and_statistics():
 def test_gramian_in_blocks(monkeypatch):
     g = rand_grads(3, 50, 2)
     expected = g.double() @ g.double().T
-    monkeypatch.setattr(S, "_GRAM_BLOCK", 7)  # 2 parameters per block, 25 blocks
+    monkeypatch.setattr(S.gram, "_GRAM_BLOCK", 7)  # 2 parameters per block, 25 blocks
     torch.testing.assert_close(S.gramian(g), expected, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(S._gram(g, g[:2]), expected[:, :2], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(S.gram._gram(g, g[:2]), expected[:, :2], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize(
