@@ -15,10 +15,11 @@ float32 (or float64 for float64 input) on the device of ``grads``.
   conflicting pair, with an arbitrator that picks which task yields, and momentum on the result.
 * ``sum`` and ``mean``: the plain row sum and row mean, the baselines.
 
-Every method works in the ``T x T`` Gram space (module :mod:`.gram`): one float64 Gramian of the task
-gradients, the method's logic on ``T x T`` coefficients, one combination of the task gradients; only
-SAM-GS's momentum modulation is element-wise by definition. One module per method: :mod:`.pcgrad`,
-:mod:`.cagrad`, :mod:`.sam_gs`, :mod:`.gcond`, and :mod:`.aggregator`.
+Every method works in the ``T x T`` Gram space (shared helpers in ``_gram_space.py``): one float64 Gramian
+of the task gradients, the method's logic on ``T x T`` coefficients, one combination of the task
+gradients; only SAM-GS's momentum modulation is element-wise by definition. One private module per method
+(``_pcgrad.py``, ``_cagrad.py``, ``_sam_gs.py``, ``_gcond.py``, and ``_aggregator.py``); every public name
+is imported from this package.
 
 ``make_aggregator(method, **options)`` returns an ``Aggregator`` that owns the options and the state of
 the stateful methods (SAM-GS, GCond) and derives PCGrad's per-step random order from ``(seed, step)``, so
@@ -39,10 +40,10 @@ Examples:
 
 from __future__ import annotations
 
-from .aggregator import METHODS, Aggregator, make_aggregator
-from .cagrad import cagrad, cagrad_objective, cagrad_weights, check_cagrad_args
-from .gcond import COSINE_TOL, GCondState, check_gcond_args, gcond, init_gcond_state
-from .gram import (
+from ._aggregator import METHODS, Aggregator, make_aggregator
+from ._cagrad import cagrad, cagrad_objective, cagrad_weights, check_cagrad_args
+from ._gcond import COSINE_TOL, GCondState, check_gcond_args, gcond, init_gcond_state
+from ._gram_space import (
     aggregate_mean,
     aggregate_sum,
     check_grads,
@@ -53,8 +54,8 @@ from .gram import (
     sum_,
     task_norms,
 )
-from .pcgrad import pcgrad, pcgrad_coefficients, pcgrad_orders
-from .sam_gs import SamGsState, check_sam_gs_args, gradient_magnitude_similarity, init_sam_gs_state, sam_gs
+from ._pcgrad import pcgrad, pcgrad_coefficients, pcgrad_orders
+from ._sam_gs import SamGsState, check_sam_gs_args, gradient_magnitude_similarity, init_sam_gs_state, sam_gs
 
 __all__ = [
     "COSINE_TOL",

@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .cagrad import cagrad, check_cagrad_args
-from .gcond import GCondState, check_gcond_args, gcond
-from .gram import aggregate_mean, aggregate_sum
-from .pcgrad import pcgrad
-from .sam_gs import SamGsState, check_sam_gs_args, sam_gs
+from ._cagrad import cagrad, check_cagrad_args
+from ._gcond import GCondState, check_gcond_args, gcond
+from ._gram_space import aggregate_mean, aggregate_sum
+from ._pcgrad import pcgrad
+from ._sam_gs import SamGsState, check_sam_gs_args, sam_gs
 
 METHODS = ("pcgrad", "cagrad", "sam_gs", "gcond", "sum", "mean")
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .gram import (
+from ._gram_space import (
     _check_positive,
     _check_unit_interval,
     _clone,

@@ -8,7 +8,7 @@ import math
 import torch
 from torch import Tensor
 
-from .gram import _combine, _compute, _gram, check_grads
+from ._gram_space import _combine, _compute, _gram, check_grads
 
 _CAGRAD_RESCALES = (0, 1, 2)
 

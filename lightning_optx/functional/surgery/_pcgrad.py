@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .gram import _combine, _compute, _gram, check_grads
+from ._gram_space import _combine, _compute, _gram, check_grads
 
 
 def pcgrad_orders(num_tasks: int, generator: torch.Generator | None = None) -> Tensor:
