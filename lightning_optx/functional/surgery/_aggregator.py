@@ -98,6 +98,24 @@ class Aggregator:
             return gcond(grads, self._gcond, **self.options)
         return aggregate_sum(grads) if self.method == "sum" else aggregate_mean(grads)
 
+    def grow(self, extra: int) -> None:
+        """``extra`` parameters were appended to the end of the flattened layout: pad the state with zeros.
+
+        For callers whose set of aggregated parameters grows during training (a branch first reached later):
+        existing coordinates keep their state, the new ones start from zero (SAM-GS moments, GCond's previous
+        gradients and momentum). Stateless methods ignore it.
+        """
+        if isinstance(extra, bool) or not isinstance(extra, int) or extra < 0:
+            raise ValueError(f"`extra` must be an integer >= 0, got extra={extra!r}.")
+        state = self._sam_gs or self._gcond
+        if state is None or extra == 0:
+            return
+        for name in ("m", "prev", "momentum"):
+            tensor = getattr(state, name, None)
+            if tensor is not None:
+                pad = tensor.new_zeros((*tensor.shape[:-1], extra))
+                setattr(state, name, torch.cat([tensor, pad], dim=-1))
+
     def reset(self) -> None:
         """Forget the method's state (SAM-GS moments, GCond history and momentum)."""
         self._sam_gs = SamGsState() if self.method == "sam_gs" else None
