@@ -531,6 +531,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-quality", action="store_true", help="only the cost part")
     parser.add_argument("--skip-timing", action="store_true", help="only the quality part")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--widths", default=None, help="cost part trunk widths, comma-separated (default 64,512)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 1 quick, 3 full)")
     return parser.parse_args(argv)
 
 
@@ -539,6 +541,10 @@ def main(argv: list[str] | None = None) -> None:
     settings = QUICK if args.quick else FULL
     if args.seeds:
         settings = Settings(**{**asdict(settings), "seeds": tuple(int(s) for s in args.seeds.split(","))})
+    if args.widths:
+        settings = Settings(**{**asdict(settings), "widths": tuple(int(w) for w in args.widths.split(","))})
+    if args.rounds:
+        settings = Settings(**{**asdict(settings), "rounds": args.rounds})
     torch.set_num_threads(args.threads)
     MT.quiet()
     suffix = "_quick" if args.quick else ""
