@@ -93,7 +93,8 @@ class GradientSurgery(Callback):
         self._trainable: list[tuple[str, Parameter]] = []
         self._shared: list[tuple[str, Parameter]] = []
         self._saved_shared_names: list[str] | None = None  # the layout of a checkpoint, restored on resume
-        self._specific_this_step: dict[int, Parameter] = {}
+        # task-specific gradients of this optimizer step, per task, written to .grad when it is aggregated
+        self._pending_specific: dict[int, tuple[Parameter, dict[int, Tensor]]] = {}
         self._task_losses: dict[str, Tensor] | None = None
         self._buffers: Tensor | None = None  # (T, n_shared), summed over micro-batches, in the loss scale
         self._last_micro_batch = True
@@ -212,36 +213,57 @@ class GradientSurgery(Callback):
         reached = self._reached_by_tasks(per_task)  # (T, P) bool, agreed by every rank
         if first:
             self._warn_unreached(reached)
-        self._update_shared(reached)
-        shared_index = {id(p): k for k, (_, p) in enumerate(self._shared)}
-        for k, p in enumerate(params):
-            if id(p) in shared_index or not bool(reached[:, k].any()):
-                continue
-            total: Tensor | None = None
-            for grads in per_task:
-                g = grads[k]
-                if g is not None:
-                    total = g if total is None else total + g
-            total = total if total is not None else torch.zeros_like(p)  # reached on another rank only
-            p.grad = total if p.grad is None else p.grad + total
-            self._specific_this_step[id(p)] = p
+        grown = self._update_shared(reached)
+        self._collect_specific(params, per_task, reached)
         position = {id(p): k for k, p in enumerate(params)}
         shared_params = [p for _, p in self._shared]
         stacked = torch.stack([_flatten([grads[position[id(p)]] for p in shared_params], shared_params)
                                for grads in per_task])
-        if self._buffers is not None and self._buffers.shape[1] < stacked.shape[1]:  # grew mid-accumulation
-            self._buffers = torch.nn.functional.pad(self._buffers, (0, stacked.shape[1] - self._buffers.shape[1]))
+        if self._buffers is not None and grown:
+            self._grow_buffers(grown, stacked.shape[1])
         self._buffers = stacked if self._buffers is None else self._buffers + stacked
         if self._last_micro_batch:
             self._aggregate_into_grads()
+
+    def _collect_specific(self, params: list[Parameter], per_task: Sequence[Sequence[Tensor | None]],
+                          reached: Tensor) -> None:
+        """Keep each reached, non-shared parameter's gradient per task until the step is aggregated."""
+        shared = {id(p) for _, p in self._shared}
+        for k, p in enumerate(params):
+            if id(p) in shared or not bool(reached[:, k].any()):
+                continue
+            _, by_task = self._pending_specific.setdefault(id(p), (p, {}))
+            for t, grads in enumerate(per_task):
+                g = grads[k]
+                if g is None and bool(reached[t, k]):
+                    g = torch.zeros_like(p)  # reached on another rank only: every rank all-reduces the same set
+                if g is not None:
+                    by_task[t] = g if t not in by_task else by_task[t] + g
+
+    def _grow_buffers(self, grown: list[Parameter], width: int) -> None:
+        """The layout grew mid-accumulation: pad the buffers, and move what earlier micro-batches gave a newly
+        shared parameter as a task-specific one into its task's row."""
+        assert self._buffers is not None
+        old = self._buffers.shape[1]
+        self._buffers = torch.nn.functional.pad(self._buffers, (0, width - old))
+        offset = old
+        for p in grown:
+            entry = self._pending_specific.pop(id(p), None)
+            for t, g in (entry[1] if entry is not None else {}).items():
+                self._buffers[t, offset : offset + p.numel()] += g.reshape(-1).to(self._buffers.dtype)
+            offset += p.numel()
 
     # ------------------------------------------------------------------ once per optimizer step
 
     def _aggregate_into_grads(self) -> None:
         assert self._trainer is not None and self._buffers is not None
         buffers, self._buffers = self._buffers, None
-        specific = [p.grad for p in self._specific_this_step.values() if p.grad is not None]
-        self._specific_this_step = {}
+        specific = []
+        for p, by_task in self._pending_specific.values():
+            total = torch.stack(list(by_task.values())).sum(0) if len(by_task) > 1 else next(iter(by_task.values()))
+            p.grad = total if p.grad is None else p.grad + total
+            specific.append(p.grad)
+        self._pending_specific = {}
         before = self.comm.ledger.total_bytes
         all_reduce_mean_coalesced_([buffers, *specific], self.comm, tag="task_grads")
         self._sync_bytes = self.comm.ledger.total_bytes - before
@@ -313,8 +335,10 @@ class GradientSurgery(Callback):
             return agreed.cpu() > 0
         return local > 0
 
-    def _update_shared(self, reached: Tensor) -> None:
-        """Append the parameters reached by two tasks for the first time (discovery mode) to the layout."""
+    def _update_shared(self, reached: Tensor) -> list[Parameter]:
+        """Append the parameters reached by two tasks for the first time (discovery mode) to the layout;
+        returns those appended to a layout that already existed."""
+        grown: list[Parameter] = []
         if self.shared_spec is None:
             known = {id(p) for _, p in self._shared}
             counts = reached.sum(dim=0).tolist()
@@ -322,12 +346,14 @@ class GradientSurgery(Callback):
             if new:
                 if self._shared:
                     self.aggregator.grow(sum(p.numel() for _, p in new))
+                    grown = [p for _, p in new]
                 self._shared += new
         if not self._shared:
             raise ValueError(
                 "GradientSurgery found no shared parameter: no trainable parameter is reached by more than one "
                 f"task loss among {self._task_names}."
             )
+        return grown
 
     def _warn_unreached(self, reached: Tensor) -> None:
         unreached = [n for (n, _), hit in zip(self._trainable, reached.any(dim=0).tolist()) if not hit]

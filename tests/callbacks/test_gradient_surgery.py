@@ -277,3 +277,35 @@ def test_lightning_cli_yaml_sets_method_options(tmp_path):
     assert cb.aggregator.options["momentum_beta"] == 0.5
     assert tuple(cb.aggregator.options["conflict_thresholds"]) == (-0.9, -0.4, 0.0)
     assert cli.trainer.global_step == 2 and cb.aggregator.state_dict()["state"]["step"] == 2
+
+
+class SharedMidAccumulation(MultiTaskModule):
+    """``late`` is used by task0 alone at batch 2 (first micro-batch of step 1: task-specific), then by both
+    tasks from batch 3 on (second micro-batch of the same step: shared)."""
+
+    def __init__(self):
+        super().__init__(batch_size=4)
+        self.late = torch.nn.Linear(16, 1)
+
+    def training_step(self, batch, batch_idx):
+        self._batch_idx = batch_idx
+        return super().training_step(batch, batch_idx)
+
+    def task_losses(self, x, y):
+        out = super().task_losses(x, y)
+        h = self.trunk(x)
+        if self._batch_idx >= 2:
+            out["task0"] = out["task0"] + self.late(h).pow(2).mean()
+        if self._batch_idx >= 3:
+            out["task1"] = out["task1"] + 0.5 * self.late(h).pow(2).mean()
+        return out
+
+
+def test_parameter_becoming_shared_mid_accumulation_keeps_earlier_micro_batches():
+    [surgery] = run_job(job([GradientSurgery("sum")], module=SharedMidAccumulation, epochs=1,
+                            accumulate_grad_batches=2))
+    [plain] = run_job(job([], module=SharedMidAccumulation, epochs=1, accumulate_grad_batches=2))
+    for n, p in plain.params.items():
+        torch.testing.assert_close(surgery.params[n], p, rtol=1e-5, atol=1e-6)
+    shared = surgery.callback_states[next(k for k in surgery.callback_states if "GradientSurgery" in k)]["shared"]
+    assert shared[-2:] == ["late.weight", "late.bias"]
