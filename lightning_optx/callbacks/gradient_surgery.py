@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -217,11 +218,16 @@ class GradientSurgery(Callback):
         self._collect_specific(params, per_task, reached)
         position = {id(p): k for k, p in enumerate(params)}
         shared_params = [p for _, p in self._shared]
-        stacked = torch.stack([_flatten([grads[position[id(p)]] for p in shared_params], shared_params)
-                               for grads in per_task])
+        width = sum(p.numel() for p in shared_params)
         if self._buffers is not None and grown:
-            self._grow_buffers(grown, stacked.shape[1])
-        self._buffers = stacked if self._buffers is None else self._buffers + stacked
+            self._grow_buffers(grown, width)
+        accumulate = self._buffers is not None
+        if self._buffers is None:
+            dtype = functools.reduce(torch.promote_types, [p.dtype for p in shared_params])
+            self._buffers = torch.empty(len(per_task), width, dtype=dtype, device=shared_params[0].device)
+        for t, grads in enumerate(per_task):  # one copy of each task gradient into its row
+            _flatten_into(self._buffers[t], [grads[position[id(p)]] for p in shared_params], shared_params,
+                          accumulate)
         if self._last_micro_batch:
             self._aggregate_into_grads()
 
@@ -386,8 +392,18 @@ class GradientSurgery(Callback):
             self._saved_shared_names = list(state_dict["shared"])
 
 
-def _flatten(grads: Sequence[Tensor | None], params: Sequence[Parameter]) -> Tensor:
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+def _flatten_into(row: Tensor, grads: Sequence[Tensor | None], params: Sequence[Parameter], accumulate: bool) -> None:
+    """Write (or add) the flattened ``grads`` into ``row``; a missing gradient is zero."""
+    offset = 0
+    for g, p in zip(grads, params):
+        piece = row[offset : offset + p.numel()]
+        if g is not None and accumulate:
+            piece.add_(g.reshape(-1))
+        elif g is not None:
+            piece.copy_(g.reshape(-1))
+        elif not accumulate:
+            piece.zero_()
+        offset += p.numel()
 
 
 def _unflatten_into_grads(flat: Tensor, params: Sequence[Parameter]) -> None:
