@@ -309,3 +309,35 @@ def test_parameter_becoming_shared_mid_accumulation_keeps_earlier_micro_batches(
         torch.testing.assert_close(surgery.params[n], p, rtol=1e-5, atol=1e-6)
     shared = surgery.callback_states[next(k for k in surgery.callback_states if "GradientSurgery" in k)]["shared"]
     assert shared[-2:] == ["late.weight", "late.bias"]
+
+
+class RankDependentBranch(MultiTaskModule):
+    """Only rank 1 reaches ``late`` (shared by both tasks) and ``late_head`` (task0): the ranks must still agree
+    on the layout and all-reduce the same tensors."""
+
+    def __init__(self):
+        super().__init__(batch_size=4, shard_in_order=True)
+        self.late = torch.nn.Linear(16, 16)
+        self.late_head = torch.nn.Linear(16, 1)
+
+    def task_losses(self, x, y):
+        h = self.trunk(x)
+        if self.trainer.global_rank == 1:
+            h = h + torch.tanh(self.late(h))
+        out = {name: torch.nn.functional.mse_loss(head(h).squeeze(-1), y[:, t])
+               for t, (name, head) in enumerate(self.heads.items())}
+        if self.trainer.global_rank == 1:
+            out["task0"] = out["task0"] + self.late_head(h).pow(2).mean()
+        return out
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_ddp_ranks_agree_on_a_branch_one_rank_reaches():
+    ranks = run_job(job([GradientSurgery("gcond")], module=RankDependentBranch, epochs=1,
+                        use_distributed_sampler=False), world_size=2)
+    assert_ranks_identical(ranks)
+    assert_ranks_identical(ranks, "callback_states")
+    init = initial_params(RankDependentBranch)
+    for name in ("late.weight", "late_head.weight"):
+        assert not torch.equal(ranks[0].params[name], init[name]), name
