@@ -47,22 +47,30 @@ def test_sum_mean_and_statistics():
     assert torch.equal(S.make_aggregator("sum")(g, 0), g.sum(0))
     assert torch.equal(S.make_aggregator("mean")(g, 0), g.mean(0))
     assert S.sum_ is S.aggregate_sum and S.mean_ is S.aggregate_mean
-    torch.testing.assert_close(S.gramian(g), g.double() @ g.double().T)
+    exact = g.double() @ g.double().T
+    torch.testing.assert_close(S.gramian(g), exact, rtol=0, atol=1e-6 * float(exact.diagonal().max()))
+    assert S.gramian(g).dtype == torch.float64
     torch.testing.assert_close(S.task_norms(g), g.norm(dim=1))
     h = torch.tensor([[1.0, 0.0], [-1.0, 1.0], [0.0, 1.0]])  # pairs: (0,1) conflict, (0,2) 0, (1,2) agree
     assert S.conflict_rate(h).item() == pytest.approx(1 / 3)
     assert S.conflict_rate(h).dtype == torch.float32
 
 
-def test_gramian_in_blocks(monkeypatch):
-    g = rand_grads(3, 50, 2)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gramian_in_blocks(monkeypatch, dtype):
+    """float64 products (float64 input; float32 input off the CPU) in blocks of _GRAM_BLOCK entries; float32
+    products on the CPU in blocks of _F32_BLOCK parameters, summed in float64 (1e-6 of the norms)."""
+    g = rand_grads(3, 50, 2, dtype=dtype)
+    prev = rand_grads(3, 50, 3, dtype=dtype)
     expected = g.double() @ g.double().T
-    monkeypatch.setattr(GS, "_GRAM_BLOCK", 7)  # 2 parameters per block, 25 blocks
-    torch.testing.assert_close(S.gramian(g), expected, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(GS._gram(g, g[:2]), expected[:, :2], rtol=1e-12, atol=1e-12)
-    prev = rand_grads(3, 50, 3)
+    monkeypatch.setattr(GS, "_GRAM_BLOCK", 7)  # float64 path: 2 parameters per block, 25 blocks
+    monkeypatch.setattr(GS, "_F32_BLOCK", 3)  # float32 path: 17 blocks
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 0, "atol": 1e-6 * 30}
+    torch.testing.assert_close(S.gramian(g), expected, **tol)
+    torch.testing.assert_close(GS._gram(g, g[:2]), expected[:, :2], **tol)
     both = GS._gram_pair(g, prev)
-    torch.testing.assert_close(both, torch.cat([expected, g.double() @ prev.double().T], 1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(both, torch.cat([expected, g.double() @ prev.double().T], 1), **tol)
+    assert all(t.dtype == torch.float64 for t in (S.gramian(g), both))
 
 
 @pytest.mark.parametrize(
@@ -177,7 +185,7 @@ def test_pcgrad_float32_matches_reference_loop_relative_to_norms():
     scale = float(g.double().norm(dim=1).max())
     for seed in range(4):
         orders = S.pcgrad_orders(8, torch.Generator().manual_seed(seed))
-        coeffs = S.pcgrad_coefficients(S.gramian(g), orders)
+        coeffs = S.pcgrad_coefficients(S.gramian(g.double()), orders)
         expected = reference_pcgrad(g.double(), orders)
         torch.testing.assert_close(coeffs.sum(0) @ g.double(), expected, rtol=0, atol=1e-9 * scale)
         out = S.pcgrad(g, torch.Generator().manual_seed(seed))

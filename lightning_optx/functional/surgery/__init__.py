@@ -42,8 +42,10 @@ from __future__ import annotations
 
 from ._aggregator import METHODS, Aggregator, make_aggregator
 from ._cagrad import cagrad, cagrad_objective, cagrad_weights, check_cagrad_args
-from ._gcond import COSINE_TOL, GCondState, check_gcond_args, gcond, init_gcond_state
+from ._gcond import GCondState, check_gcond_args, gcond, init_gcond_state
 from ._gram_space import (
+    COSINE_TOL,
+    COSINE_TOL_FLOAT32,
     aggregate_mean,
     aggregate_sum,
     check_grads,
@@ -59,6 +61,7 @@ from ._sam_gs import SamGsState, check_sam_gs_args, gradient_magnitude_similarit
 
 __all__ = [
     "COSINE_TOL",
+    "COSINE_TOL_FLOAT32",
     "METHODS",
     "Aggregator",
     "GCondState",

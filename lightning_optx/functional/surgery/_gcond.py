@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ._gram_space import (
+    COSINE_TOL,
     _check_positive,
     _check_unit_interval,
     _clone,
@@ -20,15 +21,12 @@ from ._gram_space import (
     _gram_pair,
     _prepare_state_tensor,
     check_grads,
+    decision_tolerance,
 )
 
 # Floor of GCond's norm EMAs (the reference floors them at 1e-8; we only keep them away from zero).
 _TINY = 1e-30
 
-# Decisions GCond takes on cosines and scores (is a pair in conflict, which pair is the worst, which task
-# wins) ignore differences below this, relative to the norms: a pair resolved by a projection has a cosine
-# of 0 up to rounding (+-1e-17, either sign depending on the BLAS), and must not count as a conflict again.
-COSINE_TOL = 1e-9
 
 @dataclass
 class GCondState:
@@ -141,10 +139,12 @@ class _GCondOptions:
     use_smooth_logic: bool
 
 
-def _gcond_worst_pair(gram: list[list[float]], weak: float, floor: float) -> tuple[int, int, float] | None:
-    """The pair ``i < j`` with the lowest cosine if it is below ``weak - COSINE_TOL``, else None.
+def _gcond_worst_pair(
+    gram: list[list[float]], weak: float, floor: float, tol: float = COSINE_TOL
+) -> tuple[int, int, float] | None:
+    """The pair ``i < j`` with the lowest cosine if it is below ``weak - tol``, else None.
 
-    Pairs whose cosines are within :data:`COSINE_TOL` of the lowest are ties, broken by index order (the
+    Pairs whose cosines are within ``tol`` of the lowest are ties, broken by index order (the
     first such pair in row-major order), so rounding cannot change the choice. Gradients with squared norm
     ``<= floor`` are skipped.
     """
@@ -157,9 +157,9 @@ def _gcond_worst_pair(gram: list[list[float]], weak: float, floor: float) -> tup
     if not cosines:
         return None
     lowest = min(cosine for _, _, cosine in cosines)
-    if not lowest < weak - COSINE_TOL:
+    if not lowest < weak - tol:
         return None
-    return next(pair for pair in cosines if pair[2] <= lowest + COSINE_TOL)
+    return next(pair for pair in cosines if pair[2] <= lowest + tol)
 
 
 @dataclass
@@ -172,6 +172,7 @@ class _Arbiter:
     weights: tuple[float, float]
     cross: Tensor | None  # cross[k, i] = <g_k (raw, this step), prev_i>
     prev_norms: list[float]
+    tol: float = COSINE_TOL  # a challenger wins only with a score higher by more than this
 
     def dominant(self, task: int) -> bool:
         return self.window > 0 and len(self.history) == self.window and all(h == task for h in self.history)
@@ -195,7 +196,7 @@ class _Arbiter:
         w_stability, w_strength = self.weights
         score_i = w_stability * self.stability(i, coeffs, norm_i) + w_strength * strength_i
         score_j = w_stability * self.stability(j, coeffs, norm_j) + w_strength * strength_j
-        return (j, i) if score_j > score_i + COSINE_TOL else (i, j)
+        return (j, i) if score_j > score_i + self.tol else (i, j)
 
     def record(self, winner: int) -> None:
         if self.window > 0:
@@ -274,7 +275,7 @@ def _gcond_coefficients(
     weak = options.conflict_thresholds[2]
     for _ in range(options.projection_max_iters or 2 * num_tasks):
         gram = (coeffs @ raw_gram @ coeffs.T).tolist()
-        found = _gcond_worst_pair(gram, weak, floor)
+        found = _gcond_worst_pair(gram, weak, floor, arbiter.tol)
         if found is None:
             break
         i, j, cosine = found
@@ -334,11 +335,12 @@ def gcond(
     * Conflict detection, cosines and projections guard only exact zeros (and gradients below 1e-10 of the
       largest norm), where the reference adds an absolute ``1e-8``, which switches GCond off for gradients
       of norm below about 1e-4. Accumulators are float32, not bfloat16.
-    * Decisions ignore differences below :data:`COSINE_TOL` (1e-9) relative to the norms: a pair is in
-      conflict when its cosine is below ``weak - 1e-9`` (so a pair just resolved by a projection, cosine 0 up
-      to rounding, is not re-arbitrated), cosines within 1e-9 of the lowest are ties (broken by index), and
-      the challenger wins only with a score higher by more than 1e-9. The result therefore does not depend on
-      the direction of rounding, where the reference's exact comparisons do.
+    * Decisions ignore differences below ``tol`` relative to the norms (:data:`COSINE_TOL` = 1e-9 for float64
+      task gradients, :data:`COSINE_TOL_FLOAT32` = 1e-5 for float32 and below, far above the rounding of
+      the Gramian): a pair is in conflict when its cosine is below ``weak - tol`` (so a pair just resolved by
+      a projection, cosine 0 up to rounding of either sign, is not re-arbitrated), cosines within ``tol`` of
+      the lowest are ties (broken by index), and the challenger wins only with a score higher by more than
+      ``tol``. No decision depends on the direction of rounding, where the reference's exact comparisons do.
     * The stochastic mode ("stochastic accumulation": each loss accumulated over its own share of the
       micro-batches) concerns how the per-task gradients are computed, not how they are combined: it is the
       caller's business (the callback's), not this function's. The Lion/LARS update (``use_lion``) needs the
@@ -364,7 +366,7 @@ def gcond(
     num_tasks, num_params = g.shape
     _prepare_gcond_state(state, num_tasks, num_params)
     prev = None if state.prev is None else state.prev.to(g.device, g.dtype)
-    host = _gram_pair(g, prev).cpu()  # [G G^T | G prev^T]: one float64 pass, one transfer
+    host = _gram_pair(g, prev).cpu()  # [G G^T | G prev^T]: one pass over the gradients, one transfer
     raw_gram, cross = host[:, :num_tasks], (host[:, num_tasks:] if prev is not None else None)
     raw_norms = [math.sqrt(max(x, 0.0)) for x in raw_gram.diagonal().tolist()]
     state.norm_ema = [
@@ -372,7 +374,7 @@ def gcond(
     ]
     arbiter = _Arbiter(
         state.norm_ema, state.history, dominance_window, options.tie_breaking_weights,
-        cross, state.prev_norms,
+        cross, state.prev_norms, decision_tolerance(grads),
     )
     coeffs = _gcond_coefficients(raw_gram, arbiter, raw_norms, options)
     resolved = _combine(coeffs.sum(dim=0), g)

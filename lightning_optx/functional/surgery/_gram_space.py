@@ -36,39 +36,64 @@ def _compute(grads: Tensor) -> Tensor:
     return grads.detach().to(torch.promote_types(grads.dtype, torch.float32))
 
 
-# Entries (tasks x parameters) per block when forming a Gramian in float64: the float64 copy of a block
-# (2 MiB) stays in cache between its conversion and its product.
-_GRAM_BLOCK = 1 << 18
+# Entries (tasks x parameters) per block when a block is converted to float64 (bounds the copy to 128 MiB).
+_GRAM_BLOCK = 1 << 24
+# Parameters per block when a float32 Gramian is formed on the CPU: each block's float32 product is added
+# in float64, which bounds the float32 accumulation (about 1e-6 of the norms, typically).
+_F32_BLOCK = 1 << 14
+
+# Decisions taken on the Gramian (is a pair in conflict, is a score higher) ignore differences below this,
+# relative to the norms, by the precision of the task gradients: the rounding of the Gramian (and of
+# everything computed from it) stays far below it, so no decision depends on the direction of rounding.
+COSINE_TOL = 1e-9
+COSINE_TOL_FLOAT32 = 1e-5
+
+
+def decision_tolerance(g: Tensor) -> float:
+    """:data:`COSINE_TOL` for float64 task gradients, :data:`COSINE_TOL_FLOAT32` for lower precisions."""
+    return COSINE_TOL if g.dtype == torch.float64 else COSINE_TOL_FLOAT32
+
+
+def _float32_products(*tensors: Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
 
 def _gram(a: Tensor, b: Tensor | None = None) -> Tensor:
-    """``a @ b.T`` (``b`` defaults to ``a``) accumulated in float64, block by block over the parameters.
+    """``a @ b.T`` (``b`` defaults to ``a``), returned in float64, block by block over the parameters.
 
-    float64 keeps the Gramian exact enough for the solvers (and is never computed in TF32 or bf16, whatever
-    ``torch.backends.*.fp32_precision`` says); blocks bound the temporary float64 copy.
+    float64 input, and any input on an accelerator, is multiplied in float64 (never in TF32 or bf16, whatever
+    ``torch.backends.*.fp32_precision`` says; blocks bound the temporary float64 copy). float32 input on the
+    CPU is multiplied in float32 (4x faster than float64 there, and no copy), block by block with the blocks'
+    products summed in float64: relative error about 1e-6 of the norms, below :data:`COSINE_TOL_FLOAT32`.
     """
-    b = a if b is None else b
-    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
-    width = max(1, _GRAM_BLOCK // max(a.shape[0], b.shape[0]))
+    other = a if b is None else b
+    out = torch.zeros(a.shape[0], other.shape[0], dtype=torch.float64, device=a.device)
+    f32 = _float32_products(a, other)
+    width = _F32_BLOCK if f32 else max(1, _GRAM_BLOCK // max(a.shape[0], other.shape[0]))
     for start in range(0, a.shape[1], width):
-        part_a = a[:, start : start + width].double()
-        part_b = part_a if b is a else b[:, start : start + width].double()
-        out += part_a @ part_b.T
+        part_a = a[:, start : start + width]
+        part_a = part_a if f32 else part_a.double()
+        part_b = part_a if b is None else other[:, start : start + width]
+        part_b = part_b if f32 or b is None else part_b.double()
+        out += (part_a @ part_b.T).double()
     return out
 
 
 def _gram_pair(a: Tensor, b: Tensor | None) -> Tensor:
-    """``[a a^T | a b^T]`` (``(T, T)``, or ``(T, 2T)`` with ``b``) in float64, converting each block of ``a``
-    to float64 once."""
-    num = a.shape[0]
+    """``[a a^T | a b^T]`` (``(T, T)``, or ``(T, 2T)`` with ``b``) in float64, as :func:`_gram` computes them,
+    reading each block of ``a`` (and converting it, on the float64 path) once."""
     if b is None:
         return _gram(a)
+    num = a.shape[0]
     out = torch.zeros(num, 2 * num, dtype=torch.float64, device=a.device)
-    width = max(1, _GRAM_BLOCK // num)
+    f32 = _float32_products(a, b)
+    width = _F32_BLOCK if f32 else max(1, _GRAM_BLOCK // num)
     for start in range(0, a.shape[1], width):
-        part_a = a[:, start : start + width].double()
-        out[:, :num] += part_a @ part_a.T
-        out[:, num:] += part_a @ b[:, start : start + width].double().T
+        part_a, part_b = a[:, start : start + width], b[:, start : start + width]
+        if not f32:
+            part_a, part_b = part_a.double(), part_b.double()
+        out[:, :num] += (part_a @ part_a.T).double()
+        out[:, num:] += (part_a @ part_b.T).double()
     return out
 
 
@@ -81,7 +106,7 @@ def _combine(weights: Tensor | list[float], g: Tensor) -> Tensor:
 
 
 def gramian(grads: Tensor) -> Tensor:
-    """The ``(T, T)`` matrix of inner products ``<g_i, g_j>``, accumulated and returned in float64."""
+    """The ``(T, T)`` matrix of inner products ``<g_i, g_j>``, returned in float64 (see :func:`_gram`)."""
     check_grads(grads)
     return _gram(_compute(grads))
 
