@@ -407,8 +407,13 @@ def _flatten_into(row: Tensor, grads: Sequence[Tensor | None], params: Sequence[
 
 
 def _unflatten_into_grads(flat: Tensor, params: Sequence[Parameter]) -> None:
+    """Write ``flat`` (a fresh tensor nobody else holds) into the parameters' ``.grad``: a missing ``.grad``
+    becomes a view of it (no copy, as DDP's ``gradient_as_bucket_view``), an existing one is overwritten."""
     offset = 0
     for p in params:
         piece = flat[offset: offset + p.numel()].view_as(p).to(p.dtype)
-        p.grad = piece.clone() if p.grad is None else p.grad.copy_(piece)
+        if p.grad is None:
+            p.grad = piece
+        else:
+            p.grad.copy_(piece)
         offset += p.numel()

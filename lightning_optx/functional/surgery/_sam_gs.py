@@ -116,4 +116,7 @@ def sam_gs(
         return _combine(norms.mean() / safe_norms, g).to(grads.dtype)
     v_hat = state.v / (1.0 - beta2**state.step)
     factor = 1.0 / ((1.0 - beta1**state.step) * v_hat.sqrt())  # |m_hat| / sqrt(v_hat) = |m| * factor
-    return ((g * state.m.abs()).sum(dim=0) * factor).to(grads.dtype)
+    out = g[0] * state.m[0].abs()  # sum_i g_i * |m_i|, one row at a time (no (T, n) temporaries)
+    for row, m_row in zip(g[1:], state.m[1:]):
+        out.addcmul_(row, m_row.abs())
+    return (out.mul_(factor)).to(grads.dtype)
