@@ -385,7 +385,7 @@ def gcond(
     state.history, state.prev_norms = arbiter.history, raw_norms
     state.momentum = _prepare_state_tensor(state.momentum, g, (num_params,), "GCond state `momentum`")
     state.step += 1
-    state.momentum.mul_(momentum_beta).add_(resolved, alpha=1.0 - momentum_beta)
+    state.momentum.lerp_(resolved, 1.0 - momentum_beta)  # beta m + (1 - beta) g, one pass
     return (state.momentum / (1.0 - momentum_beta**state.step)).to(grads.dtype)
 
 

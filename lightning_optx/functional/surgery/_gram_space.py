@@ -40,7 +40,7 @@ def _compute(grads: Tensor) -> Tensor:
 _GRAM_BLOCK = 1 << 24
 # Parameters per block when a float32 Gramian is formed on the CPU: each block's float32 product is added
 # in float64, which bounds the float32 accumulation (about 1e-6 of the norms, typically).
-_F32_BLOCK = 1 << 14
+_F32_BLOCK = 1 << 16
 
 # Decisions taken on the Gramian (is a pair in conflict, is a score higher) ignore differences below this,
 # relative to the norms, by the precision of the task gradients: the rounding of the Gramian (and of
