@@ -82,7 +82,9 @@ def _cagrad_face_points(kn: Tensor, b: Tensor, r: float, faces: Tensor) -> Tenso
     inv = torch.where(independent.unsqueeze(1), 1.0 / eigvals.clamp_min(1e-300), torch.zeros_like(eigvals))
 
     def solve(v: Tensor) -> Tensor:
-        return torch.einsum("bij,bj,bkj,bk->bi", eigvecs, inv, eigvecs, v)
+        # V diag(inv) V^T v, as two batched products (a 4-operand einsum would search a contraction path per call)
+        projected = (eigvecs.transpose(-1, -2) @ v.unsqueeze(-1)).squeeze(-1)
+        return (eigvecs @ (inv * projected).unsqueeze(-1)).squeeze(-1)
 
     z_near = -solve(q)
     h = (k00 + (q * z_near).sum(dim=1)).clamp_min(0).sqrt()
