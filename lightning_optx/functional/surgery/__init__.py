@@ -18,8 +18,8 @@ float32 (or float64 for float64 input) on the device of ``grads``.
 Every method works in the ``T x T`` Gram space (shared helpers in ``_gram_space.py``): one float64 Gramian
 of the task gradients, the method's logic on ``T x T`` coefficients, one combination of the task
 gradients; only SAM-GS's momentum modulation is element-wise by definition. One private module per method
-(``_pcgrad.py``, ``_cagrad.py``, ``_sam_gs.py``, ``_gcond.py``, and ``_aggregator.py``); every public name
-is imported from this package.
+(``_pcgrad.py``, ``_cagrad.py``, ``_sam_gs.py``, ``_gcond.py`` with ``_gcond_state.py``, and
+``_aggregator.py``); every public name is imported from this package.
 
 ``make_aggregator(method, **options)`` returns an ``Aggregator`` that owns the options and the state of
 the stateful methods (SAM-GS, GCond) and derives PCGrad's per-step random order from ``(seed, step)``, so
@@ -42,7 +42,8 @@ from __future__ import annotations
 
 from ._aggregator import METHODS, Aggregator, make_aggregator
 from ._cagrad import cagrad, cagrad_objective, cagrad_weights, check_cagrad_args
-from ._gcond import GCondState, check_gcond_args, gcond, init_gcond_state
+from ._gcond import gcond
+from ._gcond_state import GCondState, check_gcond_args, init_gcond_state
 from ._gram_space import (
     COSINE_TOL,
     COSINE_TOL_FLOAT32,

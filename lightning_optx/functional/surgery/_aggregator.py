@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from ._cagrad import cagrad, check_cagrad_args
-from ._gcond import GCondState, check_gcond_args, gcond
+from ._gcond import gcond
+from ._gcond_state import GCondState, check_gcond_args
 from ._gram_space import aggregate_mean, aggregate_sum
 from ._pcgrad import pcgrad
 from ._sam_gs import SamGsState, check_sam_gs_args, sam_gs
