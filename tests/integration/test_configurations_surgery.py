@@ -192,7 +192,8 @@ class LoraTrunk(MultiTaskModule):
 
     def __init__(self):
         super().__init__(optimizer="adamw", lr=1e-2)
-        peft = pytest.importorskip("peft")
+        import peft
+
         config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"])
         self.trunk = peft.inject_adapter_in_model(config, self.trunk)
         for name, p in self.trunk.named_parameters():
@@ -203,6 +204,7 @@ class LoraTrunk(MultiTaskModule):
 
 
 def test_lora_adapters_are_the_shared_parameters():
+    pytest.importorskip("peft")
     [r] = run_job(job([GradientSurgery("pcgrad")], module=LoraTrunk))
     [plain] = run_job(job([GradientSurgery("sum")], module=LoraTrunk))
     [no_callback] = run_job(job([], module=LoraTrunk))
