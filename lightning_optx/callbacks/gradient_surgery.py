@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.nn import Parameter
 from torch.nn.parallel import DistributedDataParallel
@@ -29,8 +31,16 @@ class GradientSurgery(Callback):
     over the module's ``backward``: instead of one backward pass of ``"loss"`` it runs one
     ``torch.autograd.grad`` per task (T backward passes over the shared trunk, each also reaching that task's
     own parameters), which is the minimum the methods need. Task-specific parameters (reached by one task)
-    receive their own task's gradient unchanged; the shared ones (reached by several tasks, found by walking
-    the autograd graph once, or given as ``shared``) receive the aggregate of the per-task gradients.
+    receive their own task's gradient unchanged; the shared ones (reached by several tasks, or given as
+    ``shared``) receive the aggregate of the per-task gradients.
+
+    Dynamic graphs: every step asks autograd for the gradient of every trainable parameter
+    (``allow_unused``), so a parameter first reached later (a mixture-of-experts expert, a conditional head)
+    is picked up at that step: it becomes task-specific, or shared (appended to the aggregated layout, its
+    method state starting at zero) once two tasks have reached it. Trainable parameters no task reached at
+    the first step are named in a warning. Under DDP the ranks agree on what was reached (one small
+    all-reduce), so they keep the same layout. ``training_step`` returning ``None`` skips the batch, as in
+    Lightning (single device only: under DDP the ranks would disagree).
 
     Gradient accumulation: per-task gradients are summed over the micro-batches and aggregated once, at the
     last micro-batch of the optimizer step. AMP: the aggregation sees unscaled gradients and writes its result
@@ -48,32 +58,44 @@ class GradientSurgery(Callback):
         task_losses_key: the key of the per-task loss dict in ``training_step``'s output.
         shared: the shared parameters: a module, a list of parameters or a list of regular expressions over
             parameter names; ``None`` finds them (those reached by more than one task loss).
-        **method_options: options of the method (CAGrad ``c``; SAM-GS ``gamma``, ``beta1``, ``beta2``; GCond
-            settings; PCGrad ``seed``), see :mod:`lightning_optx.functional.surgery`.
+        method_options: options of the method (CAGrad ``c``; SAM-GS ``gamma``, ``beta1``, ``beta2``; GCond
+            settings; PCGrad ``seed``), see :mod:`lightning_optx.functional.surgery`. A dict, so that
+            LightningCLI / YAML can set it (``init_args: {method: cagrad, method_options: {c: 0.4}}``).
+        **kwargs: the same options as keywords (merged with ``method_options``; a key in both is an error).
 
     Examples:
         >>> from lightning_optx import GradientSurgery
         >>> cb = GradientSurgery("pcgrad")
-        >>> cb = GradientSurgery("cagrad", c=0.4, task_losses_key="losses")
+        >>> cb = GradientSurgery("cagrad", method_options={"c": 0.4}, task_losses_key="losses")
+        >>> cb = GradientSurgery("cagrad", c=0.4)
     """
 
     def __init__(self, method: str = "pcgrad", task_losses_key: str = "task_losses", shared: SharedSpec = None,
-                 **method_options: Any) -> None:
+                 method_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if method not in S.METHODS:
             raise ValueError(f"`method` must be one of {S.METHODS}, got method={method!r}.")
         if not isinstance(task_losses_key, str) or not task_losses_key:
             raise ValueError(f"`task_losses_key` must be a non-empty string, got task_losses_key={task_losses_key!r}.")
+        if method_options is not None and not isinstance(method_options, Mapping):
+            raise ValueError(f"`method_options` must be a dict of the method's options or None, got "
+                             f"method_options={method_options!r}.")
+        both = sorted(set(method_options or {}) & set(kwargs))
+        if both:
+            raise ValueError(f"Options {both} are given both in `method_options` and as keywords; give each once.")
         self.method = method
         self.task_losses_key = task_losses_key
         self.shared_spec = shared
-        self.method_options = dict(method_options)
-        self.aggregator = S.make_aggregator(method, **method_options)
+        self.method_options = {**(method_options or {}), **kwargs}
+        self.aggregator = S.make_aggregator(method, **self.method_options)
         self.comm = Communicator()
         self.skipped_nonfinite_steps = 0
 
         self._task_names: list[str] | None = None
+        self._trainable: list[tuple[str, Parameter]] = []
         self._shared: list[tuple[str, Parameter]] = []
-        self._specific: dict[str, list[tuple[str, Parameter]]] = {}
+        self._saved_shared_names: list[str] | None = None  # the layout of a checkpoint, restored on resume
+        # task-specific gradients of this optimizer step, per task, written to .grad when it is aggregated
+        self._pending_specific: dict[int, tuple[Parameter, dict[int, Tensor]]] = {}
         self._task_losses: dict[str, Tensor] | None = None
         self._buffers: Tensor | None = None  # (T, n_shared), summed over micro-batches, in the loss scale
         self._last_micro_batch = True
@@ -130,10 +152,24 @@ class GradientSurgery(Callback):
     def _capturing_training_step(self, step: Callable[..., Any]) -> Callable[..., Any]:
         def training_step(*args: Any, **kwargs: Any) -> Any:
             output = step(*args, **kwargs)
+            if output is None:
+                self._skip_batch()
+                return None
             self._task_losses = self._validated_task_losses(output)
             return output
 
         return training_step
+
+    def _skip_batch(self) -> None:
+        """``training_step`` returned None: Lightning runs no backward. At the last micro-batch of an optimizer
+        step, what earlier micro-batches accumulated is still aggregated, so it does not leak into the next."""
+        assert self._trainer is not None
+        if self._trainer.world_size > 1:
+            raise ValueError("GradientSurgery: training_step returned None under DDP; skipping a batch on one "
+                             "rank is not supported (the ranks would disagree on the gradient all-reduce).")
+        self._task_losses = None
+        if self._last_micro_batch and self._buffers is not None:
+            self._aggregate_into_grads()
 
     def _validated_task_losses(self, output: Any) -> dict[str, Tensor]:
         key = self.task_losses_key
@@ -154,37 +190,86 @@ class GradientSurgery(Callback):
         return dict(losses)
 
     def _per_task_backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
-        """Replaces ``LightningModule.backward``: one ``autograd.grad`` per task instead of ``loss.backward()``."""
+        """Replaces ``LightningModule.backward``: one ``autograd.grad`` per task instead of ``loss.backward()``.
+
+        Each call asks for every trainable parameter (``allow_unused``): what a task reaches is what it gets a
+        gradient for, so the shared/specific split follows the graph of every step.
+        """
         assert self._trainer is not None
         losses = self._task_losses
         if losses is None:
             raise RuntimeError("GradientSurgery: backward was called without a training_step output to split.")
         self._task_losses = None
-        if self._task_names is None:
-            self._discover_parameters(losses)
+        first = self._task_names is None
+        if first:
+            self._start(losses)
         scale = self._loss_scale() / self._trainer.accumulate_grad_batches
-        shared_params = [p for _, p in self._shared]
-        per_task: list[Tensor] = []
+        params = [p for _, p in self._trainable]
         names = list(losses)
-        for i, name in enumerate(names):
-            own = [p for _, p in self._specific[name]]
-            grads = torch.autograd.grad(losses[name].reshape(()) * scale, shared_params + own,
-                                        retain_graph=i < len(names) - 1, allow_unused=True)
-            per_task.append(_flatten(grads[: len(shared_params)], shared_params))
-            for p, g in zip(own, grads[len(shared_params):]):
-                if g is not None:
-                    p.grad = g if p.grad is None else p.grad + g
-        stacked = torch.stack(per_task)
-        self._buffers = stacked if self._buffers is None else self._buffers + stacked
+        per_task = [
+            torch.autograd.grad(losses[name].reshape(()) * scale, params, retain_graph=i < len(names) - 1,
+                                allow_unused=True)
+            for i, name in enumerate(names)
+        ]
+        reached = self._reached_by_tasks(per_task)  # (T, P) bool, agreed by every rank
+        if first:
+            self._warn_unreached(reached)
+        grown = self._update_shared(reached)
+        self._collect_specific(params, per_task, reached)
+        position = {id(p): k for k, p in enumerate(params)}
+        shared_params = [p for _, p in self._shared]
+        width = sum(p.numel() for p in shared_params)
+        if self._buffers is not None and grown:
+            self._grow_buffers(grown, width)
+        accumulate = self._buffers is not None
+        if self._buffers is None:
+            dtype = functools.reduce(torch.promote_types, [p.dtype for p in shared_params])
+            self._buffers = torch.empty(len(per_task), width, dtype=dtype, device=shared_params[0].device)
+        for t, grads in enumerate(per_task):  # one copy of each task gradient into its row
+            _flatten_into(self._buffers[t], [grads[position[id(p)]] for p in shared_params], shared_params,
+                          accumulate)
         if self._last_micro_batch:
             self._aggregate_into_grads()
+
+    def _collect_specific(self, params: list[Parameter], per_task: Sequence[Sequence[Tensor | None]],
+                          reached: Tensor) -> None:
+        """Keep each reached, non-shared parameter's gradient per task until the step is aggregated."""
+        shared = {id(p) for _, p in self._shared}
+        for k, p in enumerate(params):
+            if id(p) in shared or not bool(reached[:, k].any()):
+                continue
+            _, by_task = self._pending_specific.setdefault(id(p), (p, {}))
+            for t, grads in enumerate(per_task):
+                g = grads[k]
+                if g is None and bool(reached[t, k]):
+                    g = torch.zeros_like(p)  # reached on another rank only: every rank all-reduces the same set
+                if g is not None:
+                    by_task[t] = g if t not in by_task else by_task[t] + g
+
+    def _grow_buffers(self, grown: list[Parameter], width: int) -> None:
+        """The layout grew mid-accumulation: pad the buffers, and move what earlier micro-batches gave a newly
+        shared parameter as a task-specific one into its task's row."""
+        assert self._buffers is not None
+        old = self._buffers.shape[1]
+        self._buffers = torch.nn.functional.pad(self._buffers, (0, width - old))
+        offset = old
+        for p in grown:
+            entry = self._pending_specific.pop(id(p), None)
+            for t, g in (entry[1] if entry is not None else {}).items():
+                self._buffers[t, offset : offset + p.numel()] += g.reshape(-1).to(self._buffers.dtype)
+            offset += p.numel()
 
     # ------------------------------------------------------------------ once per optimizer step
 
     def _aggregate_into_grads(self) -> None:
         assert self._trainer is not None and self._buffers is not None
         buffers, self._buffers = self._buffers, None
-        specific = [p.grad for ps in self._specific.values() for _, p in ps if p.grad is not None]
+        specific = []
+        for p, by_task in self._pending_specific.values():
+            total = torch.stack(list(by_task.values())).sum(0) if len(by_task) > 1 else next(iter(by_task.values()))
+            p.grad = total if p.grad is None else p.grad + total
+            specific.append(p.grad)
+        self._pending_specific = {}
         before = self.comm.ledger.total_bytes
         all_reduce_mean_coalesced_([buffers, *specific], self.comm, tag="task_grads")
         self._sync_bytes = self.comm.ledger.total_bytes - before
@@ -225,72 +310,110 @@ class GradientSurgery(Callback):
 
     # ------------------------------------------------------------------ which parameters are shared
 
-    def _discover_parameters(self, losses: dict[str, Tensor]) -> None:
+    def _start(self, losses: dict[str, Tensor]) -> None:
+        """First backward of the fit: the trainable parameters, and the shared ones given by ``shared`` or by a
+        restored checkpoint (otherwise they are discovered step by step, :meth:`_update_shared`)."""
         assert self._trainer is not None and self._trainer.lightning_module is not None
         module = self._trainer.lightning_module
-        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        reached = {task: _leaves_reached(loss) for task, loss in losses.items()}
-        shared_ids = self._shared_ids(named, reached)
-        self._shared = [(n, p) for n, p in named if id(p) in shared_ids]
+        self._trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self._task_names = list(losses)
+        by_name = dict(self._trainable)
+        if self.shared_spec is not None:
+            ids = self._spec_ids()
+            self._shared = [(n, p) for n, p in self._trainable if id(p) in ids]
+            if not self._shared:
+                raise ValueError("GradientSurgery found no shared parameter: `shared` matched none of the "
+                                 "trainable parameters.")
+        elif self._saved_shared_names is not None:
+            missing = [n for n in self._saved_shared_names if n not in by_name]
+            if missing:
+                raise ValueError(f"GradientSurgery: the checkpoint's shared parameters {missing} are not trainable "
+                                 "parameters of this module.")
+            self._shared = [(n, by_name[n]) for n in self._saved_shared_names]
+
+    def _reached_by_tasks(self, per_task: Sequence[Sequence[Tensor | None]]) -> Tensor:
+        """``reached[t, k]``: task ``t`` reached trainable parameter ``k``, on this rank or (DDP) on any rank."""
+        local = torch.tensor([[g is not None for g in grads] for grads in per_task], dtype=torch.float32)
+        if self._trainer is not None and self._trainer.world_size > 1:
+            device = self._trainable[0][1].device
+            agreed = local.to(device)
+            all_reduce_mean_coalesced_([agreed], self.comm, tag="reached")
+            return agreed.cpu() > 0
+        return local > 0
+
+    def _update_shared(self, reached: Tensor) -> list[Parameter]:
+        """Append the parameters reached by two tasks for the first time (discovery mode) to the layout;
+        returns those appended to a layout that already existed."""
+        grown: list[Parameter] = []
+        if self.shared_spec is None:
+            known = {id(p) for _, p in self._shared}
+            counts = reached.sum(dim=0).tolist()
+            new = [(n, p) for (n, p), c in zip(self._trainable, counts) if c > 1 and id(p) not in known]
+            if new:
+                if self._shared:
+                    self.aggregator.grow(sum(p.numel() for _, p in new))
+                    grown = [p for _, p in new]
+                self._shared += new
         if not self._shared:
             raise ValueError(
                 "GradientSurgery found no shared parameter: no trainable parameter is reached by more than one "
-                f"task loss among {list(losses)}" + (" and `shared` matched none." if self.shared_spec else ".")
+                f"task loss among {self._task_names}."
             )
-        self._specific = {task: [(n, p) for n, p in named if id(p) in ids and id(p) not in shared_ids]
-                          for task, ids in reached.items()}
-        self._task_names = list(losses)
+        return grown
 
-    def _shared_ids(self, named: list[tuple[str, Parameter]], reached: dict[str, set[int]]) -> set[int]:
+    def _warn_unreached(self, reached: Tensor) -> None:
+        unreached = [n for (n, _), hit in zip(self._trainable, reached.any(dim=0).tolist()) if not hit]
+        if unreached:
+            rank_zero_warn(
+                f"GradientSurgery: no task loss reached the trainable parameters {unreached} at the first step; "
+                "they get no gradient until a task reaches them (they are picked up then)."
+            )
+
+    def _spec_ids(self) -> set[int]:
         spec = self.shared_spec
-        if spec is None:
-            counts: dict[int, int] = {}
-            for ids in reached.values():
-                for i in ids:
-                    counts[i] = counts.get(i, 0) + 1
-            return {i for i, c in counts.items() if c > 1}
         if isinstance(spec, nn.Module):
             return {id(p) for p in spec.parameters()}
-        items = list(spec)
+        items = list(spec or [])
         if all(isinstance(s, str) for s in items):
             patterns = [re.compile(s) for s in items]
-            return {id(p) for n, p in named if any(pat.search(n) for pat in patterns)}
+            return {id(p) for n, p in self._trainable if any(pat.search(n) for pat in patterns)}
         return {id(p) for p in items}
 
     # ------------------------------------------------------------------ checkpointing
 
     def state_dict(self) -> dict[str, Any]:
-        return {"aggregator": self.aggregator.state_dict(), "skipped_nonfinite_steps": self.skipped_nonfinite_steps}
+        return {"aggregator": self.aggregator.state_dict(), "skipped_nonfinite_steps": self.skipped_nonfinite_steps,
+                "shared": [n for n, _ in self._shared]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.aggregator.load_state_dict(state_dict["aggregator"])
         self.skipped_nonfinite_steps = int(state_dict["skipped_nonfinite_steps"])
+        if self.shared_spec is None and state_dict.get("shared"):
+            self._saved_shared_names = list(state_dict["shared"])
 
 
-def _leaves_reached(loss: Tensor) -> set[int]:
-    """ids of the leaf tensors (parameters) the autograd graph of ``loss`` reaches."""
-    seen: set[Any] = set()
-    leaves: set[int] = set()
-    stack = [loss.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        variable = getattr(fn, "variable", None)
-        if variable is not None:
-            leaves.add(id(variable))
-        stack.extend(next_fn for next_fn, _ in fn.next_functions)
-    return leaves
-
-
-def _flatten(grads: Sequence[Tensor | None], params: Sequence[Parameter]) -> Tensor:
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+def _flatten_into(row: Tensor, grads: Sequence[Tensor | None], params: Sequence[Parameter], accumulate: bool) -> None:
+    """Write (or add) the flattened ``grads`` into ``row``; a missing gradient is zero."""
+    offset = 0
+    for g, p in zip(grads, params):
+        piece = row[offset : offset + p.numel()]
+        if g is not None and accumulate:
+            piece.add_(g.reshape(-1))
+        elif g is not None:
+            piece.copy_(g.reshape(-1))
+        elif not accumulate:
+            piece.zero_()
+        offset += p.numel()
 
 
 def _unflatten_into_grads(flat: Tensor, params: Sequence[Parameter]) -> None:
+    """Write ``flat`` (a fresh tensor nobody else holds) into the parameters' ``.grad``: a missing ``.grad``
+    becomes a view of it (no copy, as DDP's ``gradient_as_bucket_view``), an existing one is overwritten."""
     offset = 0
     for p in params:
         piece = flat[offset: offset + p.numel()].view_as(p).to(p.dtype)
-        p.grad = piece.clone() if p.grad is None else p.grad.copy_(piece)
+        if p.grad is None:
+            p.grad = piece
+        else:
+            p.grad.copy_(piece)
         offset += p.numel()

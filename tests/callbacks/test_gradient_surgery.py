@@ -169,3 +169,175 @@ def test_ddp_resume_with_stateful_method(tmp_path):
 def test_unsupported_strategy_is_refused():
     with pytest.raises(ValueError, match="GradientSurgery supports single-device training and Lightning's DDPStrategy"):
         run_job(job([GradientSurgery("pcgrad")], epochs=1, strategy="local_sgd"))
+
+
+# ---------------------------------------------------------------- dynamic graphs, skipped batches, CLI
+
+
+class LateBranch(MultiTaskModule):
+    """From step 1 on, a shared layer ``late`` (both tasks) and an extra head ``late_head`` (task0 only) join
+    the graph: a mixture-of-experts expert or a conditional head first reached after the first batch."""
+
+    def __init__(self, **kwargs):
+        super().__init__(optimizer="adamw", lr=1e-2, **kwargs)
+        self.late = torch.nn.Linear(16, 16)
+        self.late_head = torch.nn.Linear(16, 1)
+
+    def task_losses(self, x, y):
+        h = self.trunk(x)
+        if self.trainer.global_step >= 1:
+            h = h + torch.tanh(self.late(h))
+        out = {name: torch.nn.functional.mse_loss(head(h).squeeze(-1), y[:, t])
+               for t, (name, head) in enumerate(self.heads.items())}
+        if self.trainer.global_step >= 1:
+            out["task0"] = out["task0"] + self.late_head(h).pow(2).mean()
+        return out
+
+
+def initial_params(module_factory):
+    import lightning.pytorch as pl
+
+    pl.seed_everything(7, verbose=False)
+    return {n: p.detach().clone() for n, p in module_factory().named_parameters()}
+
+
+@pytest.mark.parametrize("method", ["gcond", "pcgrad"])
+def test_branch_first_reached_later_is_trained(method):
+    with pytest.warns(UserWarning, match=r"no task loss reached the trainable parameters \['late.weight', "
+                                         r"'late.bias', 'late_head.weight', 'late_head.bias'\] at the first step"):
+        [r] = run_job(job([GradientSurgery(method)], module=LateBranch, epochs=1))
+    init = initial_params(LateBranch)
+    for name in ("late.weight", "late.bias", "late_head.weight", "late_head.bias"):
+        assert not torch.equal(r.params[name], init[name]), name
+    shared = r.callback_states[next(k for k in r.callback_states if "GradientSurgery" in k)]["shared"]
+    assert shared[-2:] == ["late.weight", "late.bias"]  # appended to the layout when first reached by 2 tasks
+    assert "late_head.weight" not in shared
+
+
+def test_late_branch_resume_is_bit_exact(tmp_path):
+    check_resume_equivalence(job([GradientSurgery("gcond")], module=LateBranch), total_epochs=2, split_epoch=1,
+                             tmp_dir=str(tmp_path))
+
+
+def test_late_branch_with_sum_equals_plain_training():
+    """Under ``sum`` the callback must give what plain backward gives, whatever each step's graph reaches."""
+    [surgery] = run_job(job([GradientSurgery("sum")], module=LateBranch, epochs=1))
+    [plain] = run_job(job([], module=LateBranch, epochs=1))
+    for n, p in plain.params.items():
+        torch.testing.assert_close(surgery.params[n], p, rtol=1e-5, atol=1e-6)
+
+
+class SkipsOddBatches(MultiTaskModule):
+    def training_step(self, batch, batch_idx):
+        return None if batch_idx % 3 == 1 else super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_training_step_returning_none_skips_the_batch(accumulate):
+    """As without the callback: no backward for a skipped batch (under accumulation the micro-batches before
+    it are still applied); checked against plain training with ``sum``."""
+    module = functools.partial(SkipsOddBatches, batch_size=4)
+    [surgery] = run_job(job([GradientSurgery("sum")], module=module, epochs=1, accumulate_grad_batches=accumulate))
+    [plain] = run_job(job([], module=module, epochs=1, accumulate_grad_batches=accumulate))
+    assert surgery.global_step == plain.global_step
+    for n, p in plain.params.items():
+        torch.testing.assert_close(surgery.params[n], p, rtol=1e-6, atol=1e-7)
+    [pc] = run_job(job([GradientSurgery("pcgrad")], module=module, epochs=1))
+    assert all(torch.isfinite(p).all() for p in pc.params.values())
+
+
+def test_method_options_dict_and_keywords():
+    assert GradientSurgery("cagrad", method_options={"c": 0.3}).aggregator.options["c"] == 0.3
+    assert GradientSurgery("cagrad", method_options={"c": 0.3}, rescale=2).aggregator.options == {"c": 0.3,
+                                                                                                  "rescale": 2}
+    with pytest.raises(ValueError, match=r"Options \['c'\] are given both in `method_options` and as keywords"):
+        GradientSurgery("cagrad", method_options={"c": 0.3}, c=0.2)
+    with pytest.raises(ValueError, match=r"`method_options` must be a dict .* got method_options=0.3"):
+        GradientSurgery("cagrad", method_options=0.3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"Options \['gamma'\] are not accepted by method='cagrad'"):
+        GradientSurgery("cagrad", method_options={"gamma": 0.3})
+
+
+def test_lightning_cli_yaml_sets_method_options(tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "trainer:\n"
+        "  max_steps: 2\n  logger: false\n  enable_checkpointing: false\n  enable_progress_bar: false\n"
+        "  callbacks:\n"
+        "    - class_path: lightning_optx.GradientSurgery\n"
+        "      init_args:\n"
+        "        method: gcond\n"
+        "        method_options: {momentum_beta: 0.5, conflict_thresholds: [-0.9, -0.4, 0.0]}\n"
+    )
+    cli = LightningCLI(MultiTaskModule, args=["fit", f"--config={config}"], save_config_callback=None)
+    [cb] = [c for c in cli.trainer.callbacks if isinstance(c, GradientSurgery)]
+    assert cb.method == "gcond"
+    assert cb.aggregator.options["momentum_beta"] == 0.5
+    assert tuple(cb.aggregator.options["conflict_thresholds"]) == (-0.9, -0.4, 0.0)
+    assert cli.trainer.global_step == 2 and cb.aggregator.state_dict()["state"]["step"] == 2
+
+
+class SharedMidAccumulation(MultiTaskModule):
+    """``late`` is used by task0 alone at batch 2 (first micro-batch of step 1: task-specific), then by both
+    tasks from batch 3 on (second micro-batch of the same step: shared)."""
+
+    def __init__(self):
+        super().__init__(batch_size=4)
+        self.late = torch.nn.Linear(16, 1)
+
+    def training_step(self, batch, batch_idx):
+        self._batch_idx = batch_idx
+        return super().training_step(batch, batch_idx)
+
+    def task_losses(self, x, y):
+        out = super().task_losses(x, y)
+        h = self.trunk(x)
+        if self._batch_idx >= 2:
+            out["task0"] = out["task0"] + self.late(h).pow(2).mean()
+        if self._batch_idx >= 3:
+            out["task1"] = out["task1"] + 0.5 * self.late(h).pow(2).mean()
+        return out
+
+
+def test_parameter_becoming_shared_mid_accumulation_keeps_earlier_micro_batches():
+    [surgery] = run_job(job([GradientSurgery("sum")], module=SharedMidAccumulation, epochs=1,
+                            accumulate_grad_batches=2))
+    [plain] = run_job(job([], module=SharedMidAccumulation, epochs=1, accumulate_grad_batches=2))
+    for n, p in plain.params.items():
+        torch.testing.assert_close(surgery.params[n], p, rtol=1e-5, atol=1e-6)
+    shared = surgery.callback_states[next(k for k in surgery.callback_states if "GradientSurgery" in k)]["shared"]
+    assert shared[-2:] == ["late.weight", "late.bias"]
+
+
+class RankDependentBranch(MultiTaskModule):
+    """Only rank 1 reaches ``late`` (shared by both tasks) and ``late_head`` (task0): the ranks must still agree
+    on the layout and all-reduce the same tensors."""
+
+    def __init__(self):
+        super().__init__(batch_size=4, shard_in_order=True)
+        self.late = torch.nn.Linear(16, 16)
+        self.late_head = torch.nn.Linear(16, 1)
+
+    def task_losses(self, x, y):
+        h = self.trunk(x)
+        if self.trainer.global_rank == 1:
+            h = h + torch.tanh(self.late(h))
+        out = {name: torch.nn.functional.mse_loss(head(h).squeeze(-1), y[:, t])
+               for t, (name, head) in enumerate(self.heads.items())}
+        if self.trainer.global_rank == 1:
+            out["task0"] = out["task0"] + self.late_head(h).pow(2).mean()
+        return out
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_ddp_ranks_agree_on_a_branch_one_rank_reaches():
+    ranks = run_job(job([GradientSurgery("gcond")], module=RankDependentBranch, epochs=1,
+                        use_distributed_sampler=False), world_size=2)
+    assert_ranks_identical(ranks)
+    assert_ranks_identical(ranks, "callback_states")
+    init = initial_params(RankDependentBranch)
+    for name in ("late.weight", "late_head.weight"):
+        assert not torch.equal(ranks[0].params[name], init[name]), name

@@ -19,6 +19,8 @@ import pytest
 import torch
 
 from lightning_optx.functional import surgery as S
+from lightning_optx.functional.surgery import _gcond as GC
+from lightning_optx.functional.surgery import _gram_space as GS
 
 
 def rand_grads(num_tasks, n, seed, dtype=torch.float32, conflict=True):
@@ -45,19 +47,30 @@ def test_sum_mean_and_statistics():
     assert torch.equal(S.make_aggregator("sum")(g, 0), g.sum(0))
     assert torch.equal(S.make_aggregator("mean")(g, 0), g.mean(0))
     assert S.sum_ is S.aggregate_sum and S.mean_ is S.aggregate_mean
-    torch.testing.assert_close(S.gramian(g), g.double() @ g.double().T)
+    exact = g.double() @ g.double().T
+    torch.testing.assert_close(S.gramian(g), exact, rtol=0, atol=1e-6 * float(exact.diagonal().max()))
+    assert S.gramian(g).dtype == torch.float64
     torch.testing.assert_close(S.task_norms(g), g.norm(dim=1))
     h = torch.tensor([[1.0, 0.0], [-1.0, 1.0], [0.0, 1.0]])  # pairs: (0,1) conflict, (0,2) 0, (1,2) agree
     assert S.conflict_rate(h).item() == pytest.approx(1 / 3)
     assert S.conflict_rate(h).dtype == torch.float32
 
 
-def test_gramian_in_blocks(monkeypatch):
-    g = rand_grads(3, 50, 2)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gramian_in_blocks(monkeypatch, dtype):
+    """float64 products (float64 input; float32 input off the CPU) in blocks of _GRAM_BLOCK entries; float32
+    products on the CPU in blocks of _F32_BLOCK parameters, summed in float64 (1e-6 of the norms)."""
+    g = rand_grads(3, 50, 2, dtype=dtype)
+    prev = rand_grads(3, 50, 3, dtype=dtype)
     expected = g.double() @ g.double().T
-    monkeypatch.setattr(S, "_GRAM_BLOCK", 7)  # 2 parameters per block, 25 blocks
-    torch.testing.assert_close(S.gramian(g), expected, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(S._gram(g, g[:2]), expected[:, :2], rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(GS, "_GRAM_BLOCK", 7)  # float64 path: 2 parameters per block, 25 blocks
+    monkeypatch.setattr(GS, "_F32_BLOCK", 3)  # float32 path: 17 blocks
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 0, "atol": 1e-6 * 30}
+    torch.testing.assert_close(S.gramian(g), expected, **tol)
+    torch.testing.assert_close(GS._gram(g, g[:2]), expected[:, :2], **tol)
+    both = GS._gram_pair(g, prev)
+    torch.testing.assert_close(both, torch.cat([expected, g.double() @ prev.double().T], 1), **tol)
+    assert all(t.dtype == torch.float64 for t in (S.gramian(g), both))
 
 
 @pytest.mark.parametrize(
@@ -162,6 +175,21 @@ def test_pcgrad_matches_reference_loop(num_tasks):
         expected = reference_pcgrad(g, orders)
         out = S.pcgrad(g, torch.Generator().manual_seed(seed))
         torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_pcgrad_float32_matches_reference_loop_relative_to_norms():
+    """In float32 the Gram-space computation (float64 inner products) and the reference (float32 projected
+    vectors) round differently; they agree to float32 precision relative to the norms."""
+    g = rand_grads(8, 3000, 8)
+    g[3] = -g[0] + 0.05 * g[3]  # a nearly opposite pair
+    scale = float(g.double().norm(dim=1).max())
+    for seed in range(4):
+        orders = S.pcgrad_orders(8, torch.Generator().manual_seed(seed))
+        coeffs = S.pcgrad_coefficients(S.gramian(g.double()), orders)
+        expected = reference_pcgrad(g.double(), orders)
+        torch.testing.assert_close(coeffs.sum(0) @ g.double(), expected, rtol=0, atol=1e-9 * scale)
+        out = S.pcgrad(g, torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5 * scale)
 
 
 def test_pcgrad_orders_are_permutations_of_the_others():
@@ -391,7 +419,7 @@ def reference_gcond(seq, thresholds=(-0.8, -0.5, 0.0), power=2.0, window=3, weig
                     beta=0.85, max_iters=None, norm_cap=None, smooth=True):
     """``GradientConductor._project`` / ``_run_arbitrator`` / ``_momentum_update`` of AlevLab-dev/GCond on
     plain vectors, with the deviations documented in :func:`gcond` (raw previous gradients, a yielding
-    dominant task, zero-only guards)."""
+    dominant task, zero-only guards, decisions with a tolerance of ``S.COSINE_TOL``)."""
     crit, main, weak = thresholds
     ema, history, prev, m, outs = None, deque(maxlen=window), None, None, []
 
@@ -410,7 +438,7 @@ def reference_gcond(seq, thresholds=(-0.8, -0.5, 0.0), power=2.0, window=3, weig
         si, sj = ni / ema[i], nj / ema[j]
         score_i = weights[0] * stab[0] + weights[1] * si / (si + sj)
         score_j = weights[0] * stab[1] + weights[1] * sj / (si + sj)
-        return (j, i) if score_j > score_i else (i, j)
+        return (j, i) if score_j > score_i + S.COSINE_TOL else (i, j)
 
     for t, grads in enumerate(seq, 1):
         g = [row.double().clone() for row in grads]
@@ -421,17 +449,15 @@ def reference_gcond(seq, thresholds=(-0.8, -0.5, 0.0), power=2.0, window=3, weig
             g = [x * (norm_cap / x.norm()) if x.norm() > norm_cap else x for x in g]
         floor = 1e-20 * max(x.norm().item() for x in raw) ** 2
         for _ in range(max_iters or 2 * num):
-            pair, low = None, weak
-            for i in range(num):
-                for j in range(i + 1, num):
-                    if g[i].norm() ** 2 <= floor or g[j].norm() ** 2 <= floor:
-                        continue
-                    cos = (torch.dot(g[i], g[j]) / (g[i].norm() * g[j].norm())).item()
-                    if cos < low:
-                        pair, low = (i, j), cos
-            if pair is None:
+            cosines = [
+                ((i, j), (torch.dot(g[i], g[j]) / (g[i].norm() * g[j].norm())).item())
+                for i in range(num) for j in range(i + 1, num)
+                if g[i].norm() ** 2 > floor and g[j].norm() ** 2 > floor
+            ]
+            low = min((cos for _, cos in cosines), default=weak)
+            if not low < weak - S.COSINE_TOL:  # a resolved pair (cosine 0 up to rounding) is no conflict
                 break
-            i, j = pair
+            (i, j), low = next((pair, cos) for pair, cos in cosines if cos <= low + S.COSINE_TOL)
             dot = torch.dot(g[i], g[j])
             if smooth:
                 w, lo = arbitrate(i, j, g)
@@ -496,48 +522,93 @@ def test_gcond_no_conflict_is_the_sum():
     assert state.history == []
 
 
-def test_gcond_critical_conflict():
+def ulp_variants(g, count=6, max_ulps=4, seed=0):
+    """``g`` and ``count`` copies with every entry moved by 1 to ``max_ulps`` ulps in a random direction: a
+    decision that holds for all of them does not depend on the direction of rounding."""
+    gen = torch.Generator().manual_seed(seed)
+    variants = [g]
+    for _ in range(count):
+        moved = g.clone()
+        toward = torch.where(torch.rand(g.shape, generator=gen) < 0.5, -math.inf, math.inf).to(g.dtype)
+        steps = torch.randint(1, max_ulps + 1, g.shape, generator=gen)
+        for k in range(1, max_ulps + 1):
+            moved = torch.where(steps >= k, torch.nextafter(moved, toward), moved)
+        assert not torch.equal(moved, g)
+        variants.append(moved)
+    return variants
+
+
+def assert_close_to_norms(out, expected, g):
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5 * float(g.double().norm(dim=1).max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gcond_critical_conflict(dtype):
     # cos = -0.995 < -0.8. Norms 1 and 1.005 with both EMAs near 1: task 1 is "stronger" and wins; the loser
-    # (task 0) is projected onto task 1's normal plane and task 1 is untouched (smooth logic).
-    g = torch.tensor([[1.0, 0.0], [-1.0, 0.1]], dtype=torch.float64)
-    out, state = run_gcond(g)
-    torch.testing.assert_close(out, g[1] + g[0] - (g[0] @ g[1]) / (g[1] @ g[1]) * g[1])
-    assert state.history == [1]
-    out, _ = run_gcond(g, use_smooth_logic=False)  # 4-zone logic: the loser is dropped
-    torch.testing.assert_close(out, g[1])
+    # (task 0) is projected onto task 1's normal plane and task 1 is untouched (smooth logic). The pair is
+    # then resolved (cosine 0 up to rounding, of either sign): one arbitration, whatever the rounding.
+    for g in ulp_variants(torch.tensor([[1.0, 0.0], [-1.0, 0.1]], dtype=dtype)):
+        out, state = run_gcond(g)
+        h = g.double()
+        assert_close_to_norms(out.double(), h[1] + h[0] - (h[0] @ h[1]) / (h[1] @ h[1]) * h[1], g)
+        assert state.history == [1]
+        out, state = run_gcond(g, use_smooth_logic=False)  # 4-zone logic: the loser is dropped
+        assert_close_to_norms(out, g[1], g)
+        assert state.history == [1]
 
 
-def test_gcond_stability_and_dominance_decide_the_winner():
-    g = torch.tensor([[1.0, 0.0], [-1.0, 0.1]], dtype=torch.float64)
-    keeps_task0 = g[0] + g[1] - (g[0] @ g[1]) / (g[0] @ g[0]) * g[0]
-    keeps_task1 = g[1] + g[0] - (g[0] @ g[1]) / (g[1] @ g[1]) * g[1]
-    # Last step both tasks pointed along (1, 0): task 0 is stable, task 1 flipped, so task 0 wins.
-    state = S.GCondState(norm_ema=[1.0, 1.0], prev=torch.tensor([[1.0, 0.0], [1.0, 0.0]]), prev_norms=[1.0, 1.0])
-    out, state = run_gcond(g, state)
-    torch.testing.assert_close(out, keeps_task0)
-    assert state.history == [0]
-    # Same, but task 0 won the last 3 arbitrations: the dominant task yields.
-    state = S.GCondState(
-        norm_ema=[1.0, 1.0], history=[0, 0, 0], prev=torch.tensor([[1.0, 0.0], [1.0, 0.0]]), prev_norms=[1.0, 1.0]
-    )
-    out, state = run_gcond(g, state)
-    torch.testing.assert_close(out, keeps_task1)
-    assert state.history == [0, 0, 1]
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gcond_stability_and_dominance_decide_the_winner(dtype):
+    prev = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=dtype)
+    for g in ulp_variants(torch.tensor([[1.0, 0.0], [-1.0, 0.1]], dtype=dtype)):
+        h = g.double()
+        keeps_task0 = h[0] + h[1] - (h[0] @ h[1]) / (h[0] @ h[0]) * h[0]
+        keeps_task1 = h[1] + h[0] - (h[0] @ h[1]) / (h[1] @ h[1]) * h[1]
+        # Last step both tasks pointed along (1, 0): task 0 is stable, task 1 flipped, so task 0 wins.
+        state = S.GCondState(norm_ema=[1.0, 1.0], prev=prev.clone(), prev_norms=[1.0, 1.0])
+        out, state = run_gcond(g, state)
+        assert_close_to_norms(out.double(), keeps_task0, g)
+        assert state.history == [0]
+        # Same, but task 0 won the last 3 arbitrations: the dominant task yields.
+        state = S.GCondState(norm_ema=[1.0, 1.0], history=[0, 0, 0], prev=prev.clone(), prev_norms=[1.0, 1.0])
+        out, state = run_gcond(g, state)
+        assert_close_to_norms(out.double(), keeps_task1, g)
+        assert state.history == [0, 0, 1]
 
 
 def test_gcond_main_and_weak_zones():
-    # Main zone, cos = -0.6: equal norms and EMAs tie the scores, task 0 wins; t = 1/3, angle = pi/2 (1 + 1/9).
-    g = torch.tensor([[1.0, 0.0], [-0.6, 0.8]], dtype=torch.float64)
+    # Main zone, cos = -0.6: equal norms and EMAs tie the scores (up to rounding: within COSINE_TOL), task 0
+    # wins; t = 1/3, angle = pi/2 (1 + 1/9).
     s_w = math.sin(math.pi / 2 * (1 + 1 / 9))
-    out, _ = run_gcond(g)
-    torch.testing.assert_close(out, (g[0] + 0.6 * s_w * g[1]) + (g[1] + 0.6 * g[0]))
+    for g in ulp_variants(torch.tensor([[1.0, 0.0], [-0.6, 0.8]], dtype=torch.float64)):
+        out, state = run_gcond(g)
+        assert_close_to_norms(out, (g[0] + 0.6 * s_w * g[1]) + (g[1] + 0.6 * g[0]), g)
+        assert state.history[0] == 0
     # Weak zone, cos = -0.3: t = 0.4, both move by sin(0.3 pi) of a full projection (one iteration).
-    g = torch.tensor([[1.0, 0.0], [-0.3, math.sqrt(0.91)]], dtype=torch.float64)
     s = math.sin(0.3 * math.pi)
-    out, _ = run_gcond(g, projection_max_iters=1)
-    torch.testing.assert_close(out, (g[0] + 0.3 * s * g[1]) + (g[1] + 0.3 * s * g[0]))
-    out, _ = run_gcond(g, use_smooth_logic=False)  # 4-zone: full symmetric projection, conflict gone
-    torch.testing.assert_close(out, (g[0] + 0.3 * g[1]) + (g[1] + 0.3 * g[0]))
+    for g in ulp_variants(torch.tensor([[1.0, 0.0], [-0.3, math.sqrt(0.91)]], dtype=torch.float64)):
+        out, _ = run_gcond(g, projection_max_iters=1)
+        assert_close_to_norms(out, (g[0] + 0.3 * s * g[1]) + (g[1] + 0.3 * s * g[0]), g)
+        out, state = run_gcond(g, use_smooth_logic=False)  # 4-zone: full symmetric projection, conflict gone
+        assert_close_to_norms(out, (g[0] + 0.3 * g[1]) + (g[1] + 0.3 * g[0]), g)
+        assert state.history == []
+
+
+def test_gcond_resolved_pair_is_not_rearbitrated():
+    """After the loser is projected, the pair's cosine is 0 up to rounding, of either sign: it is not a
+    conflict any more, so the arbitration happens once, and the winner history does not depend on rounding."""
+    state = S.GCondState()
+    gram = [[1.0, -6.9e-18], [-6.9e-18, 1.0]]  # what one machine computed for a resolved pair
+    assert GC._gcond_worst_pair(gram, 0.0, 0.0) is None
+    gram[0][1] = gram[1][0] = -2e-9  # a real (tiny) conflict is still one
+    assert GC._gcond_worst_pair(gram, 0.0, 0.0) == (0, 1, -2e-9)
+    for g in ulp_variants(rand_grads(4, 9, 3, dtype=torch.float64), count=4):
+        histories = []
+        for variant in ulp_variants(g, count=3, seed=1):
+            state = S.GCondState()
+            run_gcond(variant, state)
+            histories.append(state.history)
+        assert all(h == histories[0] for h in histories), histories
 
 
 def test_gcond_norm_cap_and_momentum():
