@@ -385,7 +385,8 @@ def per_sample_norms(grad_samples: Sequence[Tensor]) -> Tensor:
         raise ValueError("`grad_samples` must hold at least one per-sample gradient tensor.")
     dtype = functools.reduce(torch.promote_types, (work_dtype(g.dtype) for g in grad_samples))
     device = grad_samples[0].device
-    per_param = [g.reshape(len(g), -1).to(device=device, dtype=dtype).norm(2, dim=-1) for g in grad_samples]
+    per_param = [g.reshape(len(g), math.prod(g.shape[1:])).to(device=device, dtype=dtype).norm(2, dim=-1)
+                 for g in grad_samples]
     return torch.stack(per_param, dim=1).norm(2, dim=1)
 
 

@@ -84,7 +84,7 @@ class LightningDPStep:
                     for r in references]
         flat = torch.normal(0.0, std, size=(sum(r.numel() for r in references),), generator=generator,
                             device=references[0].device, dtype=references[0].dtype)
-        return list(flat.split([r.numel() for r in references]))
+        return [n.view_as(r) for n, r in zip(flat.split([r.numel() for r in references]), references)]
 
     def scale_grad(self) -> None:
         # One Poisson batch per optimizer step, however many micro-batches it was split into: divide by its
