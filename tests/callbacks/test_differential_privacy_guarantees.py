@@ -244,5 +244,6 @@ def test_a_moved_internal_fails_with_a_message_naming_it(monkeypatch):
 
 
 def test_the_requirement_has_an_upper_bound():
-    text = open(os.path.join(os.path.dirname(__file__), "..", "..", "pyproject.toml")).read()
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "pyproject.toml")) as f:
+        text = f.read()
     assert '"opacus>=1.6,<1.7"' in text

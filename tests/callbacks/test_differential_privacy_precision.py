@@ -33,7 +33,7 @@ def near_bound_inputs(n: int = 16, dim: int = 16, seed: int = 0) -> Tensor:
         v = torch.randn(dim, generator=g, dtype=torch.float64)
         v = (v / v.norm() * CLIP * (1.0 + 0.004 * torch.rand((), generator=g, dtype=torch.float64))).bfloat16()
         exact = v.double().norm().item()
-        if CLIP < exact and v.norm().item() <= CLIP:  # bf16 norm rounds down onto the bound
+        if exact > CLIP and v.norm().item() <= CLIP:  # bf16 norm rounds down onto the bound
             rows.append(v)
     return torch.stack(rows)
 
