@@ -247,3 +247,13 @@ def test_the_requirement_has_an_upper_bound():
     with open(os.path.join(os.path.dirname(__file__), "..", "..", "pyproject.toml")) as f:
         text = f.read()
     assert '"opacus>=1.6,<1.7"' in text
+
+
+def test_package_doctests():
+    import doctest
+
+    from lightning_optx.callbacks.differential_privacy import callback, randomness
+
+    for module in (opacus_internals, randomness, callback):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+        assert result.failed == 0 and result.attempted > 0, module.__name__

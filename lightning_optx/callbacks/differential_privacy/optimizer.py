@@ -38,6 +38,8 @@ class LightningDPStep:
     def pre_step(self, closure: Callable[[], float] | None = None) -> bool | None:
         dp = self._optx_dp
         if not dp._step_allowed():
+            for p in self.params:  # type: ignore[attr-defined]
+                p.__dict__.pop("_optx_clipped_sum", None)  # a refused step's sums must not reach the next one
             return False
         dp._before_noise()
         return super().pre_step(closure)  # type: ignore[misc]
