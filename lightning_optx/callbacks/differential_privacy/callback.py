@@ -3,13 +3,11 @@ this package (checks, randomness, the Poisson loader, the DP optimizer, ghost cl
 
 from __future__ import annotations
 
-import math
 import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
@@ -18,8 +16,9 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from lightning_optx.callbacks.differential_privacy import checks, ghost, loader
+from lightning_optx.callbacks.differential_privacy.budget import PrivacyBudget
 from lightning_optx.callbacks.differential_privacy.opacus_internals import require_internals
-from lightning_optx.callbacks.differential_privacy.optimizer import adaptive_options, clip_bound, dp_optimizer_class
+from lightning_optx.callbacks.differential_privacy.optimizer import OptimizerWrapping, complete_per_sample_state
 from lightning_optx.callbacks.differential_privacy.randomness import Randomness
 from lightning_optx.functional import privacy as P
 
@@ -40,7 +39,7 @@ _REPRODUCIBLE_WARNING = (
 )
 
 
-class DifferentialPrivacy(Callback):
+class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
     """Train with DP-SGD (Abadi et al., 2016) through Opacus, leaving the LightningModule unmodified.
 
     For the duration of ``fit`` the callback makes the three changes DP-SGD needs, with Opacus' components:
@@ -294,143 +293,6 @@ class DifferentialPrivacy(Callback):
         self._wrap_optimizer(trainer, pl_module)
         self._allowed_steps = self._compute_allowed_steps()
 
-    def _resolve_noise(self, trainer: pl.Trainer, planned: float, restored_rate: float | None,
-                       restored_spe: int | None) -> None:
-        assert self.sample_rate is not None
-        rate_changed = self.steps > 0 and restored_rate is not None and restored_rate != self.sample_rate
-        if self.noise_multiplier is not None:
-            if rate_changed:
-                raise ValueError(
-                    f"DifferentialPrivacy: the checkpoint was written at sample rate {restored_rate:.6g}, this run "
-                    f"samples at {self.sample_rate:.6g} (the world size, batch size or data set changed) and "
-                    f"noise_multiplier={self.noise_multiplier} is fixed, so the privacy spent would not be what was "
-                    "planned. Resume with the same devices and batch size, or pass target_epsilon=... instead of "
-                    "noise_multiplier to have the noise of the remaining steps re-calibrated."
-                )
-            self.resolved_noise_multiplier = self.noise_multiplier
-            return
-        if not math.isfinite(planned) or planned < 1:
-            raise ValueError("DifferentialPrivacy(target_epsilon=...) needs a finite training length (max_steps or "
-                             "max_epochs) to calibrate the noise.")
-        assert self.target_epsilon is not None
-        remaining = self._remaining_steps(trainer, int(planned), restored_spe)
-        self._planned_total = self.steps + remaining
-        history = P.merge_history(self.accountant.history)
-        if not history:
-            self.resolved_noise_multiplier = P.noise_multiplier_for_epsilon(
-                self.target_epsilon, self.target_delta, self.sample_rate, remaining, self.accountant_name)
-        elif self._calibrated and self.resolved_noise_multiplier is not None and P.epsilon_of_history(
-                P.merge_history([*history, (self.resolved_noise_multiplier, self.sample_rate, remaining)]),
-                self.target_delta, self.accountant_name) <= self.target_epsilon:
-            return  # a resume whose plan still fits: keep the noise (and bit-exact reproducibility)
-        else:
-            previous = self.resolved_noise_multiplier
-            self.resolved_noise_multiplier = P.noise_multiplier_for_remaining(
-                self.target_epsilon, self.target_delta, history, self.sample_rate, remaining, self.accountant_name)
-            rank_zero_warn(f"DifferentialPrivacy: re-calibrated noise_multiplier {previous} -> "
-                           f"{self.resolved_noise_multiplier:.4f} for the remaining {remaining} steps at sample rate "
-                           f"{self.sample_rate:.5g} (was {restored_rate}), so that epsilon stays <= "
-                           f"{self.target_epsilon} after the {self.steps} steps already taken.")
-        self._calibrated = True
-        rank_zero_info(f"DifferentialPrivacy: noise_multiplier={self.resolved_noise_multiplier:.4f} for epsilon <= "
-                       f"{self.target_epsilon} at delta={self.target_delta} after {self._planned_total} steps "
-                       f"(sample rate {self.sample_rate:.5g}).")
-
-    def _remaining_steps(self, trainer: pl.Trainer, planned: int, restored_spe: int | None) -> int:
-        """Steps still to take. On an epoch-bound resume whose steps per epoch changed, ``planned - steps``
-        undercounts (the epochs done had another length): count the epochs left at the new length instead."""
-        remaining = planned - self.steps
-        if self.steps and restored_spe and trainer.max_steps in (-1, None) and trainer.max_epochs:
-            epochs_left = trainer.max_epochs - self.steps // restored_spe
-            remaining = max(remaining, math.ceil(epochs_left * planned / trainer.max_epochs))
-        return max(1, remaining)
-
-    def _wrap_optimizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from opacus.grad_sample.utils import get_hooks_class
-        from opacus.optimizers import get_optimizer_class
-
-        optimizers = trainer.strategy.optimizers
-        if len(optimizers) != 1:
-            raise ValueError(f"DifferentialPrivacy supports one optimizer, got {len(optimizers)}.")
-        optimizer = optimizers[0]
-        module_params = {id(p) for p in pl_module.parameters()}
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-        if any(id(p) not in module_params for p in params):
-            raise ValueError("DifferentialPrivacy: the optimizer holds parameters that are not the LightningModule's.")
-
-        distributed = trainer.world_size > 1
-        ghost_mode = self.grad_sample_mode == "ghost"
-        hooks_cls = ghost.bookkeeping_hooks_class() if ghost_mode else get_hooks_class(self.grad_sample_mode)
-        hook_kwargs: dict[str, Any] = {"batch_first": True, "loss_reduction": self.loss_reduction}
-        if ghost_mode:
-            hook_kwargs["max_grad_norm"] = self.max_grad_norm
-        elif self.grad_sample_mode == "functorch":
-            hook_kwargs["force_functorch"] = True
-        self._remove_hooks()
-        self._hooks = hooks_cls(pl_module, **hook_kwargs)
-
-        base = get_optimizer_class(clipping=self.clipping, distributed=distributed,
-                                   grad_sample_mode="ghost" if ghost_mode else "hooks")
-        assert self.expected_batch_size is not None and self.resolved_noise_multiplier is not None
-        kwargs: dict[str, Any] = {
-            "noise_multiplier": self.resolved_noise_multiplier,
-            "max_grad_norm": clip_bound(self.clipping, self.max_grad_norm, len(params)),
-            "expected_batch_size": self.expected_batch_size / trainer.world_size,  # per rank (Opacus' convention)
-            "loss_reduction": self.loss_reduction,
-            "generator": self.randomness.noise,
-            "secure_mode": self.secure_mode,
-        }
-        if self.clipping == "adaptive":
-            assert isinstance(self.max_grad_norm, float)
-            kwargs.update(adaptive_options(self.max_grad_norm, self.expected_batch_size,
-                                           self.resolved_noise_multiplier, self.adaptive_clipping))
-            if self._restored_max_grad_norm is not None:
-                kwargs["max_grad_norm"] = self._restored_max_grad_norm
-        dp_optimizer = dp_optimizer_class(base)(optimizer, **kwargs)
-        dp_optimizer._optx_dp = self
-        dp_optimizer._optx_distributed = distributed
-        dp_optimizer.attach_step_hook(self._account_step)
-        self._dp_optimizer = dp_optimizer
-        trainer.strategy.optimizers = [dp_optimizer]  # public setter: also rebuilds the LightningOptimizer wrapper
-
-    # ------------------------------------------------------------------ accounting and the budget
-
-    def _account_step(self, optimizer: DPOptimizer) -> None:
-        """Opacus step hook: runs once per optimizer step, after the noise, before the update."""
-        assert self.sample_rate is not None
-        self.accountant.step(noise_multiplier=float(optimizer.noise_multiplier), sample_rate=self.sample_rate)
-        self.steps += 1
-
-    def _compute_allowed_steps(self) -> int | None:
-        """Total DP steps (counting those already taken) that keep epsilon <= stop_at_epsilon, and, with
-        target_epsilon, within the steps the noise was calibrated for (so <= target_epsilon)."""
-        allowed = None
-        if self.target_epsilon is not None and self.noise_multiplier is None:
-            allowed = self._planned_total
-        if self.stop_at_epsilon is not None:
-            assert self.resolved_noise_multiplier is not None and self.sample_rate is not None
-            more = P.steps_until_budget(self.resolved_noise_multiplier, self.sample_rate, self.target_delta,
-                                        self.stop_at_epsilon, self.accountant_name, history=self.accountant.history)
-            allowed = self.steps + more if allowed is None else min(allowed, self.steps + more)
-        return allowed
-
-    def _step_allowed(self) -> bool:
-        """Called by the DP optimizer before clipping and noise: refuse a step beyond the budget."""
-        if self._allowed_steps is None or self.steps < self._allowed_steps:
-            return True
-        self.skipped_over_budget += 1
-        if self._trainer is not None:
-            self._trainer.should_stop = True
-        if not self._warned_budget:
-            rank_zero_warn(f"DifferentialPrivacy: the next step would take epsilon above the budget (stop_at_epsilon="
-                           f"{self.stop_at_epsilon}, target_epsilon={self.target_epsilon}); the DP optimizer skips "
-                           "it (training continued past the stop, e.g. because of min_steps/min_epochs).")
-            self._warned_budget = True
-        return False
-
-    def _before_noise(self) -> None:
-        self.randomness.before_step(self.steps)
-
     # ------------------------------------------------------------------ per batch
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -473,22 +335,8 @@ class DifferentialPrivacy(Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: Optimizer) -> None:
         """Make the per-sample state complete for the DP step that follows inside ``optimizer.step``."""
-        dp = self._dp_optimizer
-        if dp is None:
-            return
-        if self.grad_sample_mode == "ghost":
-            for p in dp.params:  # an empty batch or an unused parameter: zero gradient
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            return
-        # A parameter with no per-sample gradient (unused in this step's forward, or an empty batch) has a zero
-        # gradient for every sample of the batch.
-        lengths = [sum(len(g) for g in p.grad_sample) if isinstance(p.grad_sample, list) else len(p.grad_sample)
-                   for p in dp.params if getattr(p, "grad_sample", None) is not None]
-        n = max(lengths, default=0)
-        for p in dp.params:
-            if getattr(p, "grad_sample", None) is None:
-                p.grad_sample = torch.zeros((n, *p.shape), dtype=p.dtype, device=p.device)
+        if self._dp_optimizer is not None:
+            complete_per_sample_state(self._dp_optimizer, self.grad_sample_mode == "ghost")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -528,11 +376,6 @@ class DifferentialPrivacy(Callback):
                 del module.activations
             if isinstance(module.__dict__.get("max_batch_len"), int):
                 del module.max_batch_len
-
-    def _remove_hooks(self) -> None:
-        if self._hooks is not None:
-            self._hooks.cleanup()
-            self._hooks = None
 
     # ------------------------------------------------------------------ checkpointing
 

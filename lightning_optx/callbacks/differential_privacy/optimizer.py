@@ -20,9 +20,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from lightning_optx.callbacks.differential_privacy.ghost import bookkeeping_hooks_class
 from lightning_optx.functional import privacy as P
 
 
@@ -218,3 +220,92 @@ def adaptive_options(max_grad_norm: float, expected_batch_size: float, noise_mul
             "adaptive_clipping['unclipped_num_std'] or lower the noise."
         )
     return opts
+
+
+class OptimizerWrapping:
+    """Attach Opacus' per-sample hooks and wrap the LightningModule's optimizer (mixed into the callback)."""
+
+    grad_sample_mode: str
+    clipping: str
+    max_grad_norm: float | list[float]
+    loss_reduction: str
+    secure_mode: bool
+    adaptive_clipping: dict[str, float]
+    expected_batch_size: float | None
+    resolved_noise_multiplier: float | None
+    randomness: Any
+    _hooks: Any
+    _dp_optimizer: Any
+    _restored_max_grad_norm: float | None
+
+    def _remove_hooks(self) -> None:
+        if self._hooks is not None:
+            self._hooks.cleanup()
+            self._hooks = None
+
+    def _account_step(self, optimizer: Any) -> None:
+        raise NotImplementedError
+
+    def _wrap_optimizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from opacus.grad_sample.utils import get_hooks_class
+        from opacus.optimizers import get_optimizer_class
+
+        optimizers = trainer.strategy.optimizers
+        if len(optimizers) != 1:
+            raise ValueError(f"DifferentialPrivacy supports one optimizer, got {len(optimizers)}.")
+        optimizer = optimizers[0]
+        module_params = {id(p) for p in pl_module.parameters()}
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        if any(id(p) not in module_params for p in params):
+            raise ValueError("DifferentialPrivacy: the optimizer holds parameters that are not the LightningModule's.")
+
+        distributed = trainer.world_size > 1
+        ghost_mode = self.grad_sample_mode == "ghost"
+        hooks_cls = bookkeeping_hooks_class() if ghost_mode else get_hooks_class(self.grad_sample_mode)
+        hook_kwargs: dict[str, Any] = {"batch_first": True, "loss_reduction": self.loss_reduction}
+        if ghost_mode:
+            hook_kwargs["max_grad_norm"] = self.max_grad_norm
+        elif self.grad_sample_mode == "functorch":
+            hook_kwargs["force_functorch"] = True
+        self._remove_hooks()
+        self._hooks = hooks_cls(pl_module, **hook_kwargs)
+
+        base = get_optimizer_class(clipping=self.clipping, distributed=distributed,
+                                   grad_sample_mode="ghost" if ghost_mode else "hooks")
+        assert self.expected_batch_size is not None and self.resolved_noise_multiplier is not None
+        kwargs: dict[str, Any] = {
+            "noise_multiplier": self.resolved_noise_multiplier,
+            "max_grad_norm": clip_bound(self.clipping, self.max_grad_norm, len(params)),
+            "expected_batch_size": self.expected_batch_size / trainer.world_size,  # per rank (Opacus' convention)
+            "loss_reduction": self.loss_reduction,
+            "generator": self.randomness.noise,
+            "secure_mode": self.secure_mode,
+        }
+        if self.clipping == "adaptive":
+            assert isinstance(self.max_grad_norm, float)
+            kwargs.update(adaptive_options(self.max_grad_norm, self.expected_batch_size,
+                                           self.resolved_noise_multiplier, self.adaptive_clipping))
+            if self._restored_max_grad_norm is not None:
+                kwargs["max_grad_norm"] = self._restored_max_grad_norm
+        dp_optimizer = dp_optimizer_class(base)(optimizer, **kwargs)
+        dp_optimizer._optx_dp = self
+        dp_optimizer._optx_distributed = distributed
+        dp_optimizer.attach_step_hook(self._account_step)
+        self._dp_optimizer = dp_optimizer
+        trainer.strategy.optimizers = [dp_optimizer]  # public setter: also rebuilds the LightningOptimizer wrapper
+
+
+def complete_per_sample_state(dp: Any, ghost_mode: bool) -> None:
+    """Before the DP step: a parameter that got no per-sample gradient (unused in this step's forward, or an empty
+    batch) has a zero gradient for every sample of the batch (ghost: a zero clipped sum)."""
+    if ghost_mode:
+        for p in dp.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return
+    lengths = [sum(len(g) for g in p.grad_sample) if isinstance(p.grad_sample, list) else len(p.grad_sample)
+               for p in dp.params if getattr(p, "grad_sample", None) is not None]
+    n = max(lengths, default=0)
+    for p in dp.params:
+        if getattr(p, "grad_sample", None) is None:
+            p.grad_sample = torch.zeros((n, *p.shape), dtype=p.dtype, device=p.device)
