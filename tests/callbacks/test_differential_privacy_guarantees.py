@@ -123,13 +123,15 @@ def test_every_data_source_gets_the_same_poisson_batches_and_epsilon():
         _assert_same_sampling(hook, fit_from_source(source, 1))
 
 
+def fit_from_sources(sources: tuple[str, ...], world_size: int) -> dict[str, dict[str, Any]]:
+    """Several fits in one process (one process start-up for all): ``{source: fit_from_source(...)}``."""
+    return {source: fit_from_source(source, world_size) for source in sources}
+
+
 def _spawned_sources(sources: tuple[str, ...]) -> dict[str, list[dict[str, Any]]]:
-    out = {}
-    for source in sources:
-        ranks = _spawn(fit_from_source, (source, 2), 2, 600)
-        assert not any(isinstance(r, dict) and "__error__" in r for r in ranks), ranks
-        out[source] = ranks
-    return out
+    ranks = _spawn(fit_from_sources, (sources, 2), 2, 600)
+    assert not any("__error__" in r for r in ranks), ranks
+    return {source: [r[source] for r in ranks] for source in sources}
 
 
 @pytest.mark.multiprocess
