@@ -117,8 +117,9 @@ def utility_run(epsilon: float, seed: int, mode: str) -> dict[str, Any]:
     callbacks: list[pl.Callback] = []
     dp = None
     if math.isfinite(epsilon):
+        # seed=: reproducible figures (a benchmark, not a release: the seed reveals the noise)
         dp = DifferentialPrivacy(target_epsilon=epsilon, target_delta=DELTA, max_grad_norm=E.DEFAULTS["max_grad_norm"],
-                                 grad_sample_mode=mode)
+                                 grad_sample_mode=mode, seed=seed)
         callbacks.append(dp)
     module = _module(net, splits)
     trainer = E.build_trainer(callbacks, E.DEFAULTS["epochs"])

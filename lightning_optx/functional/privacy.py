@@ -50,16 +50,21 @@ __all__ = [
     "PoissonBatchSampler",
     "clip_coefficients",
     "clipped_gradient_sum",
+    "clipped_sums",
     "derive_seed",
     "epsilon",
     "epsilon_of_history",
     "make_accountant",
+    "merge_history",
     "noise_multiplier_for_epsilon",
+    "noise_multiplier_for_remaining",
+    "per_sample_norms",
     "require_opacus",
     "sample_rate_for",
     "split_even",
     "steps_per_epoch",
     "steps_until_budget",
+    "work_dtype",
 ]
 
 AccountantName = Literal["prv", "rdp"]
@@ -193,6 +198,64 @@ def noise_multiplier_for_epsilon(target_epsilon: float, delta: float, sample_rat
                                       steps=steps, accountant=accountant, epsilon_tolerance=epsilon_tolerance))
 
 
+def merge_history(history: History) -> list[tuple[float, float, int]]:
+    """``history`` with consecutive runs of the same ``(noise_multiplier, sample_rate)`` merged (as Opacus'
+    accountants record them), so that a planned continuation is accounted exactly as the steps will be."""
+    out: list[tuple[float, float, int]] = []
+    for s, q, n in history:
+        if out and out[-1][0] == float(s) and out[-1][1] == float(q):
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + int(n))
+        else:
+            out.append((float(s), float(q), int(n)))
+    return out
+
+
+def noise_multiplier_for_remaining(target_epsilon: float, delta: float, history: History, sample_rate: float,
+                                   steps: int, accountant: AccountantName = "prv",
+                                   epsilon_tolerance: float = 0.01) -> float:
+    """The smallest noise multiplier (to ``epsilon_tolerance``) for ``steps`` more steps at ``sample_rate`` after
+    ``history`` such that the final epsilon is <= ``target_epsilon``.
+
+    What a resumed run needs when its sample rate changed (another world size or batch size): the steps already
+    taken stay as they were, the remaining ones get the noise that lands the whole run within the target. A
+    bisection on the accountant, like Opacus' ``get_noise_multiplier`` (which knows no history).
+
+    Examples:
+        >>> history = [(1.0, 0.01, 500)]
+        >>> sigma = noise_multiplier_for_remaining(3.0, 1e-5, history, 0.02, 500, accountant="rdp")
+        >>> 2.99 <= epsilon_of_history([*history, (sigma, 0.02, 500)], 1e-5, "rdp") <= 3.0
+        True
+    """
+    _check_delta(delta)
+    _check_sample_rate(sample_rate)
+    _check_accountant(accountant)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"`steps` must be an integer >= 1, got steps={steps!r}.")
+    spent = epsilon_of_history(history, delta, accountant)
+    if spent >= target_epsilon:
+        raise ValueError(f"The steps already taken spent epsilon={spent:.4g} >= target_epsilon={target_epsilon}: "
+                         "no noise keeps more steps within the target.")
+
+    def final(sigma: float) -> float:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return epsilon_of_history(merge_history([*history, (sigma, sample_rate, steps)]), delta, accountant)
+
+    low, high = 0.0, 10.0
+    while final(high) > target_epsilon:
+        low, high = high, 2.0 * high
+        if high > 1e6:
+            raise ValueError(f"No noise multiplier up to 1e6 keeps epsilon <= {target_epsilon} after {steps} more "
+                             f"steps (already spent: {spent:.4g}).")
+    while target_epsilon - final(high) > epsilon_tolerance and high - low > 1e-9 * high:
+        mid = (low + high) / 2
+        if final(mid) > target_epsilon:
+            low = mid
+        else:
+            high = mid
+    return high
+
+
 def steps_until_budget(noise_multiplier: float, sample_rate: float, delta: float, budget: float,
                        accountant: AccountantName = "prv", history: History = (),
                        max_steps: int = _MAX_SEARCH_STEPS) -> int:
@@ -265,6 +328,8 @@ def clipped_gradient_sum(
 ) -> dict[Tensor, Tensor]:
     """``sum_i c_i g_i`` for one layer's parameters, ``g_i`` being sample ``i``'s gradient (book-keeping clipping).
 
+    The sums are in fp32 (fp64 for fp64 input) whatever the dtype of ``activations`` and ``backprops``.
+
     ``activations`` are the layer's inputs and ``backprops`` the gradient of the per-sample losses with respect to
     its output, both batch-first (what Opacus' hooks capture). A per-sample gradient is linear in the output
     gradient, so ``sum_i c_i g_i(a, b) = sum_i g_i(a, c * b)``: for ``nn.Linear`` that is one contraction, as cheap
@@ -279,20 +344,69 @@ def clipped_gradient_sum(
         >>> torch.allclose(sums[layer.weight], sum(c[i] * torch.outer(b[i], a[i]) for i in range(4)), atol=1e-6)
         True
     """
-    scaled = backprops * coefficients.to(backprops).reshape(-1, *([1] * (backprops.dim() - 1)))
+    dtype = work_dtype(backprops.dtype)
+    coefficients = coefficients.to(device=backprops.device, dtype=dtype)
+    scaled = backprops.to(dtype) * coefficients.reshape(-1, *([1] * (backprops.dim() - 1)))
     if isinstance(module, nn.Linear):
         out: dict[Tensor, Tensor] = {}
         if module.weight.requires_grad:
-            out[module.weight] = torch.einsum("n...i,n...j->ij", scaled, activations[0].to(scaled.dtype))
+            out[module.weight] = torch.einsum("n...i,n...j->ij", scaled, activations[0].to(dtype))
         if module.bias is not None and module.bias.requires_grad:
             out[module.bias] = torch.einsum("n...k->k", scaled)
         return out
     return {p: g.sum(dim=0) for p, g in per_sample_gradients(module, activations, scaled).items()}
 
 
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype clipping computes in: fp32 for bf16/fp16 tensors (and fp32), fp64 for fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def clip_coefficients(per_sample_norms: Tensor, max_grad_norm: float) -> Tensor:
-    """Opacus' clipping factors ``min(1, C / (||g_i|| + 1e-6))``."""
-    return (max_grad_norm / (per_sample_norms + 1e-6)).clamp(max=1.0)
+    """Opacus' clipping factors ``min(1, C / (||g_i|| + 1e-6))``, in fp32 (or fp64) whatever the norms' dtype.
+
+    With the norms in fp32, ``c_i ||g_i|| <= C`` holds to fp32 rounding: the ``1e-6`` margin exceeds the rounding
+    of the norm. In bf16 (8 significant bits) a norm of 1.004 rounds to 1.0 and the sample escapes clipping.
+    """
+    norms = per_sample_norms.to(work_dtype(per_sample_norms.dtype))
+    return (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+
+
+def per_sample_norms(grad_samples: Sequence[Tensor]) -> Tensor:
+    """The norm of every sample's whole gradient, in fp32 (fp64 for fp64 input), from per-parameter per-sample
+    gradients (each ``[batch, *param_shape]``).
+
+    Examples:
+        >>> g = [torch.tensor([[3.0, 0.0], [0.0, 1.0]]), torch.tensor([[4.0], [0.0]])]
+        >>> per_sample_norms(g)
+        tensor([5., 1.])
+    """
+    if not grad_samples:
+        raise ValueError("`grad_samples` must hold at least one per-sample gradient tensor.")
+    dtype = functools.reduce(torch.promote_types, (work_dtype(g.dtype) for g in grad_samples))
+    device = grad_samples[0].device
+    per_param = [g.reshape(len(g), math.prod(g.shape[1:])).to(device=device, dtype=dtype).norm(2, dim=-1)
+                 for g in grad_samples]
+    return torch.stack(per_param, dim=1).norm(2, dim=1)
+
+
+def clipped_sums(grad_samples: Sequence[Tensor], coefficients: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    """``sum_i c_i g_i`` per parameter, computed in fp32 (fp64 for fp64 input) whatever the gradients' dtype.
+
+    ``coefficients`` is one tensor of per-sample factors for all parameters (flat clipping) or one per parameter
+    (per-layer clipping). The sums stay in the work dtype: round them to the parameter's dtype only after the
+    noise is added (rounding a noiseless sum is not covered by the sensitivity bound).
+
+    Examples:
+        >>> clipped_sums([torch.tensor([[3.0, 4.0], [0.3, 0.4]])], torch.tensor([0.2, 1.0]))
+        [tensor([0.9000, 1.2000])]
+    """
+    coefs = [coefficients] * len(grad_samples) if isinstance(coefficients, Tensor) else list(coefficients)
+    out = []
+    for g, c in zip(grad_samples, coefs):
+        dtype = torch.promote_types(work_dtype(g.dtype), c.dtype)
+        out.append(torch.einsum("i,i...->...", c.to(device=g.device, dtype=dtype), g.to(dtype)))
+    return out
 
 
 def derive_seed(*parts: Any) -> int:

@@ -1,0 +1,158 @@
+"""Every Opacus (and Lightning) name the DP callback relies on beyond the documented API, in one place.
+
+Opacus' public API (``PrivacyEngine.make_private``) wraps the model, the optimizer and the data loader itself;
+a Lightning callback cannot hand those over, so :class:`DifferentialPrivacy` builds the same pieces from Opacus'
+building blocks and overrides a few of their methods. Those blocks are not all public: names with a leading
+underscore, module paths that are not re-exported, attributes the hooks leave on layers and parameters, and
+methods whose *behaviour* is overridden. They are listed below with the Opacus versions they were checked
+against. :func:`missing_internals` imports and looks up each one; the callback calls it at construction and the
+test suite calls it with :func:`probe_hook_attributes`, so an Opacus release that moves one fails with a message
+naming it instead of training with a silently different mechanism.
+
+Lightning: the training data source (``trainer.fit_loop._data_source``) is private too; it is how every data
+source (a loader passed to ``fit``, a datamodule, the module's hook) reaches the training loop, so it is the
+one place where the loader can be rebuilt for all of them.
+
+Examples:
+    >>> missing_internals()
+    []
+    >>> OPACUS_CHECKED
+    ('1.6.0', '1.6.0')
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+#: Opacus versions (lowest, highest) whose internals were checked against this module. The requirement in
+#: pyproject.toml is ``opacus>=1.6,<1.7``; a newer Opacus must be re-checked here before the bound moves.
+OPACUS_CHECKED: tuple[str, str] = ("1.6.0", "1.6.0")
+
+#: (module, attribute path, what the callback does with it). An attribute path may be dotted (a class member).
+OPACUS_INTERNALS: tuple[tuple[str, str, str], ...] = (
+    ("opacus.optimizers", "get_optimizer_class", "picks the DP optimizer class for clipping / DDP / ghost"),
+    ("opacus.optimizers", "DPOptimizer.pre_step", "overridden: budget guard, per-step noise seed"),
+    ("opacus.optimizers", "DPOptimizer.clip_and_accumulate", "overridden: fp32 clipping"),
+    ("opacus.optimizers", "DPOptimizer.add_noise", "overridden: fp32 noise, one draw for all parameters"),
+    ("opacus.optimizers", "DPOptimizer.scale_grad", "overridden: one normalisation per Poisson batch"),
+    ("opacus.optimizers", "DPOptimizer.grad_samples", "per-sample gradients of the trainable parameters"),
+    ("opacus.optimizers", "DPOptimizer._get_flat_grad_sample", "one parameter's per-sample gradient"),
+    ("opacus.optimizers", "DPOptimizer.attach_step_hook", "the accountant's per-step hook"),
+    ("opacus.optimizers", "DistributedDPOptimizer.reduce_gradients", "overridden: all-reduce in fp32"),
+    ("opacus.optimizers", "DPPerLayerOptimizer", "per-layer clipping (attribute `max_grad_norms`)"),
+    ("opacus.optimizers", "AdaClipDPOptimizer.clip_and_accumulate", "overridden for empty Poisson batches"),
+    ("opacus.optimizers", "AdaClipDPOptimizer.update_max_grad_norm", "overridden for empty Poisson batches"),
+    ("opacus.optimizers", "DPOptimizerFastGradientClipping.accumulate", "overridden: take the fp32 clipped sum"),
+    ("opacus.optimizers.optimizer", "_check_processed_flag", "Opacus' guard against clipping a gradient twice"),
+    ("opacus.optimizers.optimizer", "_mark_as_processed", "Opacus' guard against clipping a gradient twice"),
+    ("opacus.optimizers.optimizer", "_generate_noise", "Gaussian noise (secure mode: resistant to fp attacks)"),
+    ("opacus.grad_sample.utils", "get_hooks_class", "the per-sample gradient hooks of a grad_sample_mode"),
+    ("opacus.grad_sample", "GradSampleHooksFastGradientClipping", "base of the book-keeping ghost hooks"),
+    ("opacus.grad_sample", "GradSampleHooksFastGradientClipping.capture_activations_hook", "records inputs"),
+    ("opacus.grad_sample", "GradSampleHooksFastGradientClipping.rearrange_grad_samples", "batch-first tensors"),
+    ("opacus.grad_sample", "GradSampleHooksFastGradientClipping.iterate_submodules", "layers to hook"),
+    ("opacus.grad_sample", "GradSampleHooksFastGradientClipping.enable_hooks", "switches the hooks on"),
+    ("opacus.grad_sample", "GradSampleHooksFastGradientClipping.cleanup", "removes the hooks"),
+    ("opacus.grad_sample", "GradSampleHooksFastGradientClipping.GRAD_SAMPLERS", "per-sample gradient formulas"),
+    ("opacus.grad_sample", "GradSampleHooksFastGradientClipping.NORM_SAMPLERS", "ghost-norm formulas"),
+    ("opacus.grad_sample.functorch", "ft_compute_per_sample_gradient", "per-sample gradients, other layers"),
+    ("opacus.grad_sample.functorch", "prepare_layer", "per-sample gradients, other layers"),
+    ("opacus.layers.dp_rnn", "DPRNN", "layers the ghost hooks skip (their cells are hooked)"),
+    ("opacus.layers.dp_rnn", "DPLSTM", "layers the ghost hooks skip (their cells are hooked)"),
+    ("opacus.layers.dp_rnn", "DPGRU", "layers the ghost hooks skip (their cells are hooked)"),
+    ("opacus.utils.module_utils", "trainable_modules", "the layers that get hooks"),
+    ("opacus.utils.module_utils", "trainable_parameters", "the parameters of a hooked layer"),
+    ("opacus.validators", "ModuleValidator.VALIDATORS", "layers Opacus cannot train privately"),
+    ("opacus.validators", "ModuleValidator.FIXERS", "fix_model=True replacements"),
+    ("opacus.data_loader", "wrap_collate_with_empty", "collate of an empty Poisson batch"),
+    ("opacus.data_loader", "shape_safe", "collate of an empty Poisson batch"),
+    ("opacus.data_loader", "dtype_safe", "collate of an empty Poisson batch"),
+    ("opacus.accountants", "create_accountant", "the accountant"),
+    ("opacus.accountants", "RDPAccountant.DEFAULT_ALPHAS", "cached RDP epsilon (same orders as Opacus)"),
+    ("opacus.accountants.analysis.rdp", "compute_rdp", "cached RDP epsilon"),
+    ("opacus.accountants.analysis.rdp", "get_privacy_spent", "cached RDP epsilon"),
+    ("opacus.accountants.utils", "get_noise_multiplier", "noise calibration for target_epsilon"),
+)
+
+#: Attributes Opacus' hooks set at run time (checked by :func:`probe_hook_attributes`, not by import).
+OPACUS_RUNTIME_ATTRIBUTES: tuple[tuple[str, str], ...] = (
+    ("parameter", "_forward_counter"),
+    ("parameter", "grad_sample"),
+    ("layer", "activations"),
+)
+
+#: The Lightning internal the loader rebuild relies on: (object path on a Trainer, attribute, why).
+LIGHTNING_INTERNALS: tuple[tuple[str, str, str], ...] = (
+    ("fit_loop._data_source", "dataloader", "every training data source passes through it"),
+)
+
+
+def _lookup(module: str, path: str) -> Any:
+    obj: Any = importlib.import_module(module)
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def missing_internals() -> list[str]:
+    """``module:name`` of every listed Opacus internal that cannot be imported or found (empty when all are)."""
+    missing = []
+    for module, path, _ in OPACUS_INTERNALS:
+        try:
+            _lookup(module, path)
+        except (ImportError, AttributeError):
+            missing.append(f"{module}:{path}")
+    return missing
+
+
+def require_internals() -> None:
+    """Raise an ``ImportError`` naming the moved internals and the Opacus versions they were checked against."""
+    missing = missing_internals()
+    if missing:
+        import opacus
+
+        raise ImportError(
+            f"DifferentialPrivacy relies on Opacus internals that this Opacus ({opacus.__version__}) does not have: "
+            f"{', '.join(missing)}. They were checked against opacus {OPACUS_CHECKED[0]}..{OPACUS_CHECKED[1]} "
+            "(see lightning_optx/callbacks/differential_privacy/opacus_internals.py): install a checked version "
+            "(`pip install 'opacus>=1.6,<1.7'`)."
+        )
+
+
+def probe_hook_attributes() -> list[str]:
+    """Run Opacus' hooks on a one-layer model and return the run-time attributes that did not appear."""
+    import torch
+    from opacus.grad_sample.utils import get_hooks_class
+
+    layer = torch.nn.Linear(2, 1)
+    hooks = get_hooks_class("hooks")(layer, batch_first=True, loss_reduction="sum")
+    missing = []
+    try:
+        out = layer(torch.ones(3, 2))
+        if not hasattr(layer, "activations"):
+            missing.append("layer.activations")
+        if not hasattr(layer.weight, "_forward_counter"):
+            missing.append("parameter._forward_counter")
+        out.sum().backward()
+        if getattr(layer.weight, "grad_sample", None) is None:
+            missing.append("parameter.grad_sample")
+    finally:
+        hooks.cleanup()
+    return missing
+
+
+def lightning_data_source(trainer: Any) -> Any:
+    """``trainer.fit_loop._data_source``, or an error naming the Lightning internal that moved."""
+    source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)
+    dataloader: Callable[[], Any] | None = getattr(source, "dataloader", None)
+    if source is None or not callable(dataloader):
+        import lightning
+
+        raise RuntimeError(
+            "DifferentialPrivacy rebuilds the training loader at `trainer.fit_loop._data_source.dataloader`, which "
+            f"this Lightning ({lightning.__version__}) does not have; the callback was checked against lightning "
+            "2.4-2.6. Pin a checked Lightning version."
+        )
+    return source

@@ -1,0 +1,261 @@
+"""DifferentialPrivacy as a privacy engineer checks it: secret randomness by default (and reproducible on request),
+every data source Poisson-sampled alike, resumes that keep the budget, the Opacus internals guard."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler, WeightedRandomSampler
+
+pytest.importorskip("opacus")
+
+from lightning_optx import DifferentialPrivacy
+from lightning_optx.callbacks.differential_privacy import opacus_internals
+from lightning_optx.functional import privacy as P
+from tests.callbacks.test_differential_privacy import DP_KEY, Capture, DPModule
+from tests.helpers import TrainJob, assert_tree_equal, run_job
+from tests.helpers.models import random_dataset
+from tests.helpers.resume import StopAfterEpoch
+from tests.helpers.runner import _spawn
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Full backward hook is firing"),
+    pytest.mark.filterwarnings("ignore:Optimal order is the"),
+    pytest.mark.filterwarnings("ignore:.*DifferentialPrivacy.seed=.*"),
+    pytest.mark.filterwarnings("ignore:.*re-calibrated noise_multiplier.*"),
+]
+
+
+def _job(seed: int | None, **trainer_kwargs: Any) -> TrainJob:
+    cb = DifferentialPrivacy(noise_multiplier=1.0, accountant="rdp", seed=seed)
+    return TrainJob(module=functools.partial(DPModule, model="mlp", lr=0.1), callbacks=[cb],
+                    trainer_kwargs={"max_epochs": 1, **trainer_kwargs})
+
+
+def _differ(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return any(not a[n].equal(b[n]) for n in a)
+
+
+# ---------------------------------------------------------------- secret randomness
+
+
+def test_default_fits_under_the_same_seed_everything_differ_and_reproducible_ones_match():
+    """seed_everything(7) before both fits (the runner does it): the default draws secret batches and noise."""
+    [a], [b] = run_job(_job(None, max_steps=3)), run_job(_job(None, max_steps=3))
+    assert _differ(a.params, b.params)
+    [c], [d] = run_job(_job(11, max_steps=3)), run_job(_job(11, max_steps=3))
+    assert_tree_equal(c.params, d.params, "parameters of two reproducible fits")
+
+
+def test_resumes_from_one_checkpoint_differ_by_default_and_match_when_reproducible(tmp_path):
+    for seed, expect_equal in ((None, False), (11, True)):
+        ckpt = str(tmp_path / f"seed{seed}.ckpt")
+        first = dataclasses.replace(_job(seed, max_epochs=2), save_checkpoint_to=ckpt,
+                                    callbacks=[*_job(seed).callbacks, StopAfterEpoch(1)])
+        run_job(first)
+        [a] = run_job(dataclasses.replace(_job(seed, max_epochs=2), ckpt_path=ckpt))
+        [b] = run_job(dataclasses.replace(_job(seed, max_epochs=2), ckpt_path=ckpt))
+        assert a.global_step == b.global_step == 16
+        assert _differ(a.params, b.params) != expect_equal, f"seed={seed}"
+
+
+def test_checkpoint_holds_no_seed_and_reproducible_mode_warns():
+    [result] = run_job(_job(None, max_steps=2))
+    state = result.callback_states[DP_KEY]
+    assert not any("seed" in key for key in state), state.keys()
+    with pytest.warns(UserWarning, match=r"seed=11.*subtract the noise"):
+        run_job(_job(11, max_steps=1))
+    with pytest.raises(ValueError, match="`seed` must be None with secure_mode=True"):
+        DifferentialPrivacy(noise_multiplier=1.0, seed=3, secure_mode=True)
+
+
+# ---------------------------------------------------------------- any data source
+
+
+class _Data(pl.LightningDataModule):
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(random_dataset("mlp"), batch_size=4, shuffle=True)
+
+
+class _NoLoaderModule(DPModule):
+    train_dataloader = None  # type: ignore[assignment]
+
+
+def fit_from_source(source: str, world_size: int) -> dict[str, Any]:
+    """One reproducible fit whose training data comes from ``source``; its batches, epsilon and parameters."""
+    pl.seed_everything(3, verbose=False)
+    capture = Capture()
+    cb = DifferentialPrivacy(noise_multiplier=1.0, accountant="rdp", seed=5)
+    module = DPModule(model="mlp", lr=0.1, batch_size=4) if source == "hook" else _NoLoaderModule(model="mlp", lr=0.1)
+    trainer = pl.Trainer(callbacks=[cb, capture], max_epochs=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                         devices=world_size, strategy="ddp" if world_size > 1 else "auto")
+    if source == "hook":
+        trainer.fit(module)
+    elif source == "train_dataloaders":
+        trainer.fit(module, train_dataloaders=DataLoader(random_dataset("mlp"), batch_size=4, shuffle=True))
+    else:
+        trainer.fit(module, datamodule=_Data())
+    return {"batches": [rec["batch"][0] for rec in capture.records], "epsilon": cb.epsilon,
+            "history": cb.accountant.history, "rate": cb.sample_rate,
+            "params": {n: p.detach().clone() for n, p in module.named_parameters()}}
+
+
+def _assert_same_sampling(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert a["rate"] == b["rate"] and a["history"] == b["history"] and a["epsilon"] == b["epsilon"]
+    assert len(a["batches"]) == len(b["batches"]) > 0
+    assert [len(x) for x in a["batches"]] == [len(x) for x in b["batches"]]
+    assert all(x.equal(y) for x, y in zip(a["batches"], b["batches"]))
+    assert_tree_equal(a["params"], b["params"], "parameters")
+
+
+def test_every_data_source_gets_the_same_poisson_batches_and_epsilon():
+    hook = fit_from_source("hook", 1)
+    assert hook["rate"] == 4 / 64 and hook["history"] == [(1.0, 4 / 64, 16)]
+    assert len({len(b) for b in hook["batches"]}) > 1  # Poisson: the batch sizes vary
+    for source in ("train_dataloaders", "datamodule"):
+        _assert_same_sampling(hook, fit_from_source(source, 1))
+
+
+def fit_from_sources(sources: tuple[str, ...], world_size: int) -> dict[str, dict[str, Any]]:
+    """Several fits in one process (one process start-up for all): ``{source: fit_from_source(...)}``."""
+    return {source: fit_from_source(source, world_size) for source in sources}
+
+
+def _spawned_sources(sources: tuple[str, ...]) -> dict[str, list[dict[str, Any]]]:
+    ranks = _spawn(fit_from_sources, (sources, 2), 2, 600)
+    assert not any("__error__" in r for r in ranks), ranks
+    return {source: [r[source] for r in ranks] for source in sources}
+
+
+@pytest.mark.multiprocess
+def test_fit_train_dataloaders_on_two_ranks_samples_like_the_hook():
+    runs = _spawned_sources(("hook", "train_dataloaders"))
+    for rank in (0, 1):
+        _assert_same_sampling(runs["hook"][rank], runs["train_dataloaders"][rank])
+    assert runs["hook"][0]["rate"] == 8 / 64
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_fit_datamodule_on_two_ranks_samples_like_the_hook():
+    runs = _spawned_sources(("hook", "datamodule"))
+    for rank in (0, 1):
+        _assert_same_sampling(runs["hook"][rank], runs["datamodule"][rank])
+
+
+class _Stream(IterableDataset):
+    def __iter__(self) -> Any:
+        return iter(random_dataset("mlp"))
+
+
+@pytest.mark.parametrize(("make_loader", "pattern"), [
+    (lambda d: DataLoader(_Stream(), batch_size=4), r"IterableDataset _Stream.*poisson_sampling=False"),
+    (lambda d: DataLoader(d, batch_sampler=type("MyBatches", (BatchSampler,), {})(SequentialSampler(d), 4, False)),
+     r"custom batch sampler \(MyBatches\).*poisson_sampling=False"),
+    (lambda d: DataLoader(d, batch_size=4, sampler=WeightedRandomSampler([1.0] * len(d), len(d))),
+     r"custom sampler \(WeightedRandomSampler\).*poisson_sampling=False"),
+    (lambda d: [DataLoader(d, batch_size=4), DataLoader(d, batch_size=4)], r"one torch DataLoader, got list"),
+], ids=["iterable", "batch_sampler", "weighted_sampler", "two_loaders"])
+def test_loaders_that_cannot_be_rebuilt_are_refused_naming_the_fix(make_loader, pattern):
+    trainer = pl.Trainer(callbacks=[DifferentialPrivacy(noise_multiplier=1.0, accountant="rdp")], max_epochs=1,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    with pytest.raises(ValueError, match=pattern):
+        trainer.fit(_NoLoaderModule(model="mlp"), train_dataloaders=make_loader(random_dataset("mlp")))
+
+
+# ---------------------------------------------------------------- restarts keep the budget
+
+
+def resize_job(world_size: int, seed: int | None = None, **kwargs: Any) -> TrainJob:
+    cb = DifferentialPrivacy(target_epsilon=3.0, accountant="rdp", target_delta=1e-3, seed=seed)
+    return TrainJob(module=functools.partial(DPModule, model="mlp", lr=0.1, batch_size=8), callbacks=[cb],
+                    trainer_kwargs={"max_epochs": 4}, **kwargs)
+
+
+@pytest.mark.multiprocess
+def test_resume_on_twice_the_ranks_recalibrates_and_ends_within_target_epsilon(tmp_path):
+    ckpt = str(tmp_path / "one_rank.ckpt")
+    first = resize_job(1, save_checkpoint_to=ckpt)
+    first = dataclasses.replace(first, callbacks=[*first.callbacks, StopAfterEpoch(2)])
+    [half] = run_job(first)
+    before = half.callback_states[DP_KEY]
+    assert before["history"][0][1:] == (8 / 64, 16)
+    sigma = before["noise_multiplier"]
+    ranks = run_job(resize_job(2, ckpt_path=ckpt), world_size=2)
+    for r in ranks:
+        state = r.callback_states[DP_KEY]
+        eps = P.epsilon_of_history(state["history"], 1e-3, "rdp")
+        assert eps <= 3.0
+        assert state["history"][0] == before["history"][0]
+        new_sigma, new_rate, new_steps = state["history"][-1]
+        assert new_rate == 16 / 64 and new_steps == 8 and new_sigma > sigma
+    # without re-calibration the same resume would have overshot the target
+    assert P.epsilon_of_history([*before["history"], (sigma, 16 / 64, 8)], 1e-3, "rdp") > 3.0
+
+
+def test_resume_with_a_fixed_noise_multiplier_at_another_sample_rate_is_refused():
+    cb = DifferentialPrivacy(noise_multiplier=1.0, accountant="rdp")
+    state = {**DifferentialPrivacy(noise_multiplier=1.0, accountant="rdp").state_dict(),
+             "history": [(1.0, 0.25, 4)], "steps": 4, "sample_rate": 0.25, "steps_per_epoch": 4}
+    cb.load_state_dict(state)
+    trainer = pl.Trainer(callbacks=[cb], max_epochs=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    with pytest.raises(ValueError, match=r"sample rate 0.25, this run samples at 0.125.*pass target_epsilon"):
+        trainer.fit(DPModule(model="mlp"))
+
+
+def test_recalibrated_noise_lands_the_whole_run_within_the_target():
+    history = [(1.2, 0.125, 16)]
+    sigma = P.noise_multiplier_for_remaining(3.0, 1e-3, history, 0.25, 8, accountant="rdp")
+    final = P.epsilon_of_history([*history, (sigma, 0.25, 8)], 1e-3, "rdp")
+    assert 3.0 - 0.01 <= final <= 3.0
+    with pytest.raises(ValueError, match="already taken spent epsilon"):
+        P.noise_multiplier_for_remaining(0.5, 1e-3, history, 0.25, 8, accountant="rdp")
+
+
+# ---------------------------------------------------------------- Opacus internals
+
+
+def test_every_opacus_internal_the_callback_relies_on_is_where_it_was_checked():
+    import opacus
+
+    missing = opacus_internals.missing_internals() + opacus_internals.probe_hook_attributes()
+    assert not missing, (
+        f"Opacus {opacus.__version__} moved internals DifferentialPrivacy relies on: {missing}. Re-check "
+        "lightning_optx/callbacks/differential_privacy/opacus_internals.py against this version before widening "
+        f"the supported range (checked: {opacus_internals.OPACUS_CHECKED})."
+    )
+    low, high = opacus_internals.OPACUS_CHECKED
+    assert tuple(map(int, low.split("."))) <= tuple(map(int, opacus.__version__.split(".")[:3])) \
+        <= tuple(map(int, high.split("."))), f"opacus {opacus.__version__} is outside the checked range {low}..{high}"
+
+
+def test_a_moved_internal_fails_with_a_message_naming_it(monkeypatch):
+    monkeypatch.setattr(opacus_internals, "OPACUS_INTERNALS",
+                        (*opacus_internals.OPACUS_INTERNALS, ("opacus.optimizers", "DPOptimizer._moved_away", "x")))
+    with pytest.raises(ImportError, match=r"opacus.optimizers:DPOptimizer._moved_away.*checked against opacus"):
+        DifferentialPrivacy(noise_multiplier=1.0)
+
+
+def test_the_requirement_has_an_upper_bound():
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "pyproject.toml")) as f:
+        text = f.read()
+    assert '"opacus>=1.6,<1.7"' in text
+
+
+def test_package_doctests():
+    import doctest
+
+    from lightning_optx.callbacks.differential_privacy import callback, randomness
+
+    for module in (opacus_internals, randomness, callback):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+        assert result.failed == 0 and result.attempted > 0, module.__name__
