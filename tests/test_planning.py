@@ -483,3 +483,16 @@ def test_the_planner_imports_no_lightning():
                     todo.append(imported)
     assert {"lightning_optx.planning.model", "lightning_optx.planning.options", "lightning_optx.distributed",
             "lightning_optx.compression"} <= seen
+
+
+def test_overlapped_records_are_exposed_beyond_their_window():
+    """A ledger's overlapped records are not free: the planner exposes what exceeds the window that hides them."""
+    from lightning_optx.planning import exposed_seconds, run_collectives
+
+    link = Cluster(nodes=2, inter_gbps=1.0, latency_s=0.0)
+    records = [CollectiveRecord("all_reduce", 125_000_000, 2),  # 1 s, blocking
+               CollectiveRecord("all_reduce", 125_000_000, 2, overlapped=True, tag="grad"),  # 1 s, behind backward
+               CollectiveRecord("all_reduce", 125_000_000, 2, overlapped=True, tag="pseudo_grad")]  # behind compute
+    wire, exposed = exposed_seconds(run_collectives(records, steps=1), link, compute_s=0.75)
+    assert wire == pytest.approx(3.0)
+    assert exposed == pytest.approx(1.0 + (1.0 - BACKWARD_FRACTION * 0.75) + (1.0 - 0.75))
