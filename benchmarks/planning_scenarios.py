@@ -60,21 +60,28 @@ def diloco_paper() -> str:
             f"{workload.step_compute_s:.3f} s compute per step\n\n" + _md(head, rows))
 
 
+DILOCOX_SPEEDUP = 357.0
+
+
 def dilocox_paper() -> str:
-    """DiLoCoX's setting: 107B parameters, 2 replicas over 1 Gbit/s, for several compute times per step."""
+    """DiLoCoX's setting: 107B parameters; 2 clusters of PP=8 x DP=2 (each DP worker, a pipeline of 8 GPUs, counted
+    as one "GPU" and one DiLoCo replica); 1 Gbit/s read per cluster, or per worker (16 per cluster)."""
     params = 107_000_000_000
-    cluster = Cluster(nodes=2, gpus_per_node=1, inter_gbps=1.0)
     rows = []
-    for grad in ("fp32", "bf16"):
-        for compute in (2.0, 9.6, 21.0, 60.0):
-            workload = Workload.from_params(params, compute, grad_bytes=4 if grad == "fp32" else 2)
-            ddp, diloco, dilocox, dilocox_short = plan(
-                ["ddp", "diloco", "diloco_x", "diloco_x:inner_steps=125"], workload, cluster)
-            rows.append([grad, f"{compute:g}", f"{ddp.comm_time_s:,.0f}", f"{diloco.speedup_vs_ddp:.0f}x",
-                         f"{dilocox.speedup_vs_ddp:.0f}x", f"{dilocox_short.speedup_vs_ddp:.0f}x",
-                         f"{100 * dilocox.compute_utilisation:.0f}%"])
-    head = ["DDP gradients", "compute s/step", "AllReduce s/step", "diloco (H=500)", "diloco_x (H=500)",
-            "diloco_x (H=125)", "diloco_x utilisation"]
+    for gbps, link in ((1.0, "1 per cluster"), (16.0, "1 per worker = 16 per cluster")):
+        cluster = Cluster(nodes=2, gpus_per_node=2, inter_gbps=gbps)
+        for grad in ("fp32", "bf16"):
+            grad_bytes = 4 if grad == "fp32" else 2
+            (ddp,) = plan(["ddp"], Workload.from_params(params, 1.0, grad_bytes=grad_bytes), cluster)
+            needed = ddp.comm_time_s / (DILOCOX_SPEEDUP - 1 / 3)  # speed-up of fully hidden comm: 1/3 + t_AR / c
+            for compute in sorted((0.6, 2.0, needed, 30.0)):
+                workload = Workload.from_params(params, compute, grad_bytes=grad_bytes)
+                ddp, diloco, dilocox = plan(["ddp", "diloco:replica_size=1", "diloco_x:replica_size=1"], workload,
+                                            cluster)
+                rows.append([link, grad, f"{compute:.3g}", f"{ddp.comm_time_s:,.0f}", f"{diloco.speedup_vs_ddp:.0f}x",
+                             f"{dilocox.speedup_vs_ddp:.0f}x", f"{100 * dilocox.compute_utilisation:.0f}%"])
+    head = ["Gbit/s", "DDP gradients", "compute s/step", "AllReduce s/step", "diloco (H=500)", "diloco_x (H=500)",
+            "diloco_x utilisation"]
     return _md(head, rows)
 
 

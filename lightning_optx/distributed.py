@@ -2,9 +2,9 @@
 
 Strategies and compressors never call ``torch.distributed`` directly: they go through a
 :class:`Communicator`, which issues the collective and records it in a :class:`CommLedger` (kind, payload
-bytes, whether it blocked or overlapped compute). :func:`modeled_comm_time` turns that record into the time
-the same collectives would take on a link of a given bandwidth and latency, so a CPU run can say what a
-run over slow links would cost.
+bytes, whether it blocked or overlapped compute). :class:`LinkModel` turns each record into the time it
+would take on a link of a given bandwidth and latency, and :func:`lightning_optx.planning.exposed_seconds`
+decides how much of it stays exposed, so a CPU run can say what a run over slow links would cost.
 
 With no process group (a single process) every collective is a local no-op and nothing is recorded.
 
@@ -36,7 +36,6 @@ __all__ = [
     "LinkModel",
     "agree",
     "all_reduce_mean_coalesced_",
-    "modeled_comm_time",
     "tensor_bytes",
 ]
 
@@ -245,13 +244,3 @@ class LinkModel:
             return (n - 1) * b / bytes_per_s + (n - 1) * self.latency_s
         return b / bytes_per_s + (n - 1) * self.latency_s
 
-
-def modeled_comm_time(
-    records: Sequence[CollectiveRecord], link: LinkModel, include_overlapped: bool = False
-) -> float:
-    """Seconds the recorded collectives would take on ``link``.
-
-    Overlapped collectives are hidden behind computation and excluded unless ``include_overlapped``
-    (pass ``True`` to get the raw time on the wire).
-    """
-    return sum(link.seconds(r) for r in records if include_overlapped or not r.overlapped)

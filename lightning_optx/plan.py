@@ -18,10 +18,12 @@ import argparse
 import importlib
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from lightning_optx.distributed import CollectiveRecord, LinkModel
 from lightning_optx.planning import (
     DTYPE_BYTES,
     SPARSE_COLLECTIVES,
@@ -126,7 +128,10 @@ def _load_model(path: str) -> Any:
     except (ImportError, AttributeError) as err:
         raise ValueError(f"cannot import {path!r}: {err}") from None
     with torch.device("meta"):
-        return cls()
+        module = cls()
+    if not isinstance(module, torch.nn.Module):
+        raise ValueError(f"{path!r} built an object of type {type(module).__name__}, not a torch.nn.Module")
+    return module
 
 
 def _workload(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Workload:
@@ -143,6 +148,9 @@ def _workload(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Work
         compute = args.step_compute_s
     elif args.tokens_per_step is not None:
         compute = compute_seconds(params, args.tokens_per_step, args.gpu_tflops, args.mfu)
+        if not 0 < compute < math.inf:
+            parser.error(f"argument --tokens-per-step/--gpu-tflops/--mfu: the compute time 6 x params x tokens / "
+                         f"(tflops x mfu) is {compute!r} s, not a positive finite number")
     else:
         parser.error("argument --step-compute-s: give it, or --tokens-per-step (with --gpu-tflops and --mfu)")
     grad_bytes = DTYPE_BYTES[args.grad_dtype]
@@ -162,6 +170,40 @@ def _plans(args: argparse.Namespace, parser: argparse.ArgumentParser, workload: 
         return specs, plan(specs, workload, cluster)
     except (ValueError, TypeError) as err:
         parser.error(f"argument --strategy: {err}")
+
+
+def _check_links(cluster: Cluster, workload: Workload, parser: argparse.ArgumentParser) -> None:
+    """Reject a bandwidth or latency under which the whole model's all-reduce takes no finite time."""
+    record = CollectiveRecord("all_reduce", 4 * workload.params, max(2, cluster.nodes * cluster.gpus_per_node))
+    for flag, gbps in (("--intra-node-gbps", cluster.intra_gbps), ("--inter-node-gbps", cluster.inter_gbps)):
+        if not math.isfinite(LinkModel(gbps, cluster.latency_s).seconds(record)):
+            parser.error(f"argument {flag}: {gbps!r} Gbit/s gives an infinite time for the model's all-reduce")
+
+
+def _check_finite(rows: Sequence[StrategyPlan], parser: argparse.ArgumentParser) -> None:
+    for row in rows:
+        for key, value in row.as_dict().items():
+            if isinstance(value, float) and not math.isfinite(value):
+                parser.error(f"argument --strategy: {row.strategy} gives {key}={value} with these sizes and "
+                             "bandwidths (--params/--model, --nodes, --gpus-per-node, --inter-node-gbps)")
+
+
+def _check_plot_path(path: str, parser: argparse.ArgumentParser) -> None:
+    """Fail before any output when the plot cannot be written."""
+    try:
+        import matplotlib
+    except ImportError:
+        parser.error("argument --plot: needs matplotlib (pip install matplotlib)")
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    suffix = os.path.splitext(path)[1].lstrip(".").lower()
+    folder = os.path.dirname(os.path.abspath(path))
+    if suffix not in formats:
+        parser.error(f"argument --plot: {path!r} must end in one of .{', .'.join(sorted(formats))}")
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        parser.error(f"argument --plot: cannot write {path!r}: {folder!r} is not a writable folder")
 
 
 def _table(rows: Sequence[StrategyPlan], workload: Workload, cluster: Cluster) -> None:
@@ -225,9 +267,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     workload = _workload(args, parser)
     cluster = Cluster(args.nodes, args.gpus_per_node, args.intra_node_gbps, args.inter_node_gbps,
                       args.latency_ms / 1e3)
+    _check_links(cluster, workload, parser)
+    if args.plot:
+        _check_plot_path(args.plot, parser)
     specs, rows = _plans(args, parser, workload, cluster)
+    _check_finite(rows, parser)
     if args.json:
-        print(json.dumps([r.as_dict() for r in rows], indent=1))
+        print(json.dumps([r.as_dict() for r in rows], indent=1, allow_nan=False))
     else:
         _table(rows, workload, cluster)
     if args.plot:

@@ -13,7 +13,6 @@ from lightning_optx.distributed import (
     LinkModel,
     agree,
     all_reduce_mean_coalesced_,
-    modeled_comm_time,
     tensor_bytes,
 )
 from tests.helpers import run_distributed
@@ -32,13 +31,6 @@ def test_ring_allreduce_model_by_hand():
     gather = CollectiveRecord("all_gather", payload_bytes=1_000_000, world_size=4)
     assert link.seconds(gather) == pytest.approx(3e-3 + 3e-3)
     assert link.seconds(CollectiveRecord("all_reduce", 10**6, world_size=1)) == 0.0
-
-
-def test_overlapped_collectives_are_hidden_unless_asked():
-    link = LinkModel(bandwidth_gbit=1.0, latency_s=0.0)
-    recs = [CollectiveRecord("all_reduce", 125_000_000, 2), CollectiveRecord("all_reduce", 125_000_000, 2, True)]
-    assert modeled_comm_time(recs, link) == pytest.approx(1.0)
-    assert modeled_comm_time(recs, link, include_overlapped=True) == pytest.approx(2.0)
 
 
 def test_ledger_totals_survive_state_dict():

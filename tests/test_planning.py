@@ -50,7 +50,9 @@ def registered_settings(flag: str) -> dict:
     return {**defaults, **init_params}
 
 
-PLANNER_ONLY = {"replica_size"}  # node replicas (scale issue): checked against the class once it takes them
+# node replicas (scale issue): checked against the class once it takes them; the optimizer's state tensors per
+# parameter is a property of the optimizer, not of the strategy
+PLANNER_ONLY = {"replica_size", "optimizer_state_tensors"}
 
 
 @pytest.mark.parametrize("flag", [f for f in STRATEGY_DEFAULTS if f != "ddp"])
@@ -83,7 +85,7 @@ def test_overriding_the_compressor_drops_the_registered_compressor_options():
     (row,) = plan(["diloco_x:compressor=topk,density=0.01"], w, cluster)
     (ref,) = plan(["diloco:overlap=true,compressor=topk,density=0.01"], w, cluster)
     assert row.inter_node_bytes_per_step == ref.inter_node_bytes_per_step
-    (plain,) = plan(["diloco_x:compressor=none"], w, cluster)
+    (plain,) = plan(["diloco_x:compressor=none,adaptive_compression=false"], w, cluster)
     assert plain.inter_node_bytes_per_step == pytest.approx(2 * 3 / 4 * 4 * P / 500)
 
 
@@ -152,9 +154,11 @@ def test_sign_all_gather_grows_with_nodes_two_stage_does_not():
 def test_node_replicas_move_the_per_step_traffic_inside_the_node():
     w = Workload.from_params(P, 1.0)
     row = one("local_sgd:period=16", w, Cluster(nodes=2, gpus_per_node=2))
-    kinds = {(c.link, c.every, c.record.tag, c.record.world_size) for c in row.collectives}
-    assert kinds == {("intra", 1, "grad", 2), ("inter", 16, "params", 2)}
-    assert row.intra_node_bytes_per_step == pytest.approx(4 * P)  # 2 (2-1)/2 x 4P every step
+    kinds = {(c.link, c.every, c.record.kind, c.record.tag, c.record.world_size) for c in row.collectives}
+    assert kinds == {("intra", 1, "all_reduce", "grad", 2), ("inter", 16, "all_reduce", "params", 2),
+                     ("intra", 16, "all_gather", "params", 2)}
+    # 2 (2-1)/2 x 4P every step, and each round the all-gather of the two averaged halves: (G-1)/G x 4P
+    assert row.intra_node_bytes_per_step == pytest.approx(4 * P + 4 * P / 2 / 16)
     assert row.inter_node_bytes_per_step == pytest.approx(4 * P / 16)
     flat = one("local_sgd:period=16,replica_size=1", w, Cluster(nodes=2, gpus_per_node=2))
     assert flat.inter_node_bytes_per_step == pytest.approx(row.inter_node_bytes_per_step)
@@ -279,13 +283,23 @@ def test_bad_cluster_is_rejected(kwargs, name):
     (["--params", "1.5", "--step-compute-s", "1"], "--params"),
     (["--params", "1e9", "--step-compute-s", "1", "--grad-dtype", "fp8"], "--grad-dtype"),
     (["--model", "no_such_module:Model", "--step-compute-s", "1"], "--model"),
+    (["--model", "builtins:int", "--step-compute-s", "1"], "--model"),
+    (["--params", "1e6", "--tokens-per-step", "1e-300", "--gpu-tflops", "1e300"], "--tokens-per-step"),
+    (["--params", "1e6", "--tokens-per-step", "1e300", "--gpu-tflops", "1e-300"], "--tokens-per-step"),
+    (["--params", "1e6", "--step-compute-s", "1", "--inter-node-gbps", "1e-320"], "--inter-node-gbps"),
+    (["--params", "1e6", "--step-compute-s", "1", "--intra-node-gbps", "1e-320"], "--intra-node-gbps"),
+    (["--params", "1e6", "--step-compute-s", "1", "--strategy", "diloco:overlap=maybe"], "--strategy"),
+    (["--params", "1e6", "--step-compute-s", "1", "--strategy", "diloco:outer_lr=-1"], "--strategy"),
+    (["--params", "1e6", "--step-compute-s", "1", "--json", "--plot", "/nonexistent/dir/x.png"], "--plot"),
+    (["--params", "1e6", "--step-compute-s", "1", "--plot", "speedup.txt"], "--plot"),
 ])
 def test_bad_input_exits_2_with_one_line_naming_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert err.count("\n") == 1 and flag in err, err
+    assert out == ""  # checked before anything is printed
 
 
 def test_json_output_has_the_documented_fields(capsys):
@@ -368,3 +382,117 @@ def test_benchmark_models_time_with_the_planner():
 def test_a_single_gpu_communicates_nothing():
     rows = plan(list(STRATEGY_DEFAULTS), Workload.from_params(P, 1.0), Cluster())
     assert all(r.comm_time_s == 0 and r.speedup_vs_ddp == 1.0 and r.inter_node_bytes_per_step == 0 for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------- option checks
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("diloco:overlap=maybe", "`overlap` must be true or false"),
+    ("diloco_x:overlap=2", "`overlap` must be true or false"),
+    ("local_sgd:average_buffers=3", "`average_buffers` must be true or false"),
+    ("local_sgd:average_optimizer_state=none", "`average_optimizer_state` must be true or false"),
+    ("ddp_powersgd:error_feedback=banana", "`error_feedback` must be true or false"),
+    ("ddp_fp16:check_finite=sometimes", "`check_finite` must be true or false"),
+    ("diloco:outer_lr=banana", "`outer_lr` must be a finite number"),
+    ("diloco:outer_lr=nan", "`outer_lr` must be a finite number"),
+    ("diloco:inner_steps=true", "`inner_steps` must be an integer"),
+    ("diloco:compression_bounds=5:1", "`compression_bounds` must be low:high"),
+    ("local_sgd:optimizer_state_tensors=-1", "optimizer_state_tensors"),
+])
+def test_options_are_typed_strictly(spec, message):
+    with pytest.raises(ValueError, match=message) as info:
+        plan([spec], Workload.from_params(P, 1.0), Cluster(nodes=2, gpus_per_node=8))
+    assert str(info.value).startswith(spec.partition(":")[0])
+
+
+@pytest.mark.parametrize(("flag", "kwargs", "spec", "name"), [
+    ("diloco", {"outer_lr": -1.0}, "diloco:outer_lr=-1", "outer_lr"),
+    ("diloco", {"outer_momentum": 1.0}, "diloco:outer_momentum=1", "outer_momentum"),
+    ("diloco", {"outer_optimizer": "adam"}, "diloco:outer_optimizer=adam", "outer_optimizer"),
+    ("diloco", {"adaptive_compression": True}, "diloco:adaptive_compression=true", "adaptive_compression"),
+    ("diloco_x", {"compressor": None, "compressor_options": None}, "diloco_x:compressor=none",
+     "adaptive_compression"),
+    ("local_sgd", {"warmup_steps": -5}, "local_sgd:warmup_steps=-5", "warmup_steps"),
+    ("local_sgd", {"min_period": 0}, "local_sgd:min_period=0", "min_period"),
+    ("ddp_topk", {"compressor_options": {"density": 1.5}}, "ddp_topk:density=1.5", "density"),
+])
+def test_ignored_options_are_rejected_where_the_strategy_rejects_them(flag, kwargs, spec, name):
+    from lightning_optx.strategies import _REGISTERED
+
+    cls, _, registered = _REGISTERED[flag]
+    with pytest.raises(ValueError, match=name):
+        cls(**{**registered, **kwargs})
+    with pytest.raises(ValueError, match=name):
+        plan([spec], Workload.from_params(P, 1.0), Cluster(nodes=2, gpus_per_node=8))
+
+
+@pytest.mark.parametrize("word", ["no", "false", "0", "No", "FALSE"])
+def test_boolean_words_mean_what_they_say(word):
+    w, cluster = Workload.from_params(P, 1.0), Cluster(nodes=4, gpus_per_node=8, inter_gbps=1.0)
+    blocking, overlapped, off = plan(["diloco_x:overlap=false", "diloco_x", f"diloco_x:overlap={word}"], w, cluster)
+    assert off.exposed_comm_s == pytest.approx(blocking.exposed_comm_s)
+    assert overlapped.exposed_comm_s < off.exposed_comm_s
+
+
+def test_optimizer_state_tensors_scale_the_averaged_state():
+    w, cluster = Workload.from_params(P, 1.0), Cluster(nodes=2, gpus_per_node=1)
+    plain, adam, sgd = plan(["local_sgd", "local_sgd:average_optimizer_state=yes",
+                             "local_sgd:average_optimizer_state=1,optimizer_state_tensors=1"], w, cluster)
+    assert adam.inter_node_bytes_per_step == pytest.approx(3 * plain.inter_node_bytes_per_step)
+    assert sgd.inter_node_bytes_per_step == pytest.approx(2 * plain.inter_node_bytes_per_step)
+
+
+def test_node_replicas_all_gather_their_averaged_shards():
+    w = Workload.from_params(P, 1.0)
+    diloco = one("diloco", w, Cluster(nodes=4, gpus_per_node=8))
+    grads = 2 * 7 / 8 * 4 * P  # DDP inside the node every step
+    assert diloco.intra_node_bytes_per_step == pytest.approx(grads + 7 / 8 * 4 * P / 500)
+    assert diloco.inter_node_bytes_per_step == pytest.approx(2 * 3 / 4 * 4 * P / 500)
+    two_nodes = one("diloco:replica_size=16", w, Cluster(nodes=4, gpus_per_node=8))
+    # two replicas of two nodes: DDP across the replica's 2 nodes every step (2 (2-1)/2 x 4P); per round each node
+    # all-reduces its half of the payload with its peer in the other replica, then all-gathers with its partner
+    assert two_nodes.inter_node_bytes_per_step == pytest.approx(4 * P + (4 * P / 2 + 4 * P / 2) / 500)
+
+
+# ---------------------------------------------------------------------------------------------- import weight
+
+
+def test_the_planner_imports_no_lightning():
+    """The planner's modules, and every lightning_optx module they import, import nothing from Lightning (the
+    package's own ``__init__`` does, to register the strategy flags: Lightning has no hook to do it later)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(cli.__file__).resolve().parents[1]
+    todo, seen = ["lightning_optx.planning", "lightning_optx.plan"], set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name in ("lightning_optx",):
+            continue
+        seen.add(name)
+        path = root / (name.replace(".", "/") + ".py")
+        if not path.exists():
+            path = root / name.replace(".", "/") / "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for imported in names:
+                assert imported.split(".")[0] not in ("lightning", "pytorch_lightning"), (name, imported)
+                if imported.startswith("lightning_optx."):
+                    todo.append(imported)
+    assert {"lightning_optx.planning.model", "lightning_optx.planning.options", "lightning_optx.distributed",
+            "lightning_optx.compression"} <= seen
+
+
+def test_overlapped_records_are_exposed_beyond_their_window():
+    """A ledger's overlapped records are not free: the planner exposes what exceeds the window that hides them."""
+    from lightning_optx.planning import exposed_seconds, run_collectives
+
+    link = Cluster(nodes=2, inter_gbps=1.0, latency_s=0.0)
+    records = [CollectiveRecord("all_reduce", 125_000_000, 2),  # 1 s, blocking
+               CollectiveRecord("all_reduce", 125_000_000, 2, overlapped=True, tag="grad"),  # 1 s, behind backward
+               CollectiveRecord("all_reduce", 125_000_000, 2, overlapped=True, tag="pseudo_grad")]  # behind compute
+    wire, exposed = exposed_seconds(run_collectives(records, steps=1), link, compute_s=0.75)
+    assert wire == pytest.approx(3.0)
+    assert exposed == pytest.approx(1.0 + (1.0 - BACKWARD_FRACTION * 0.75) + (1.0 - 0.75))

@@ -66,11 +66,21 @@ CASES: tuple[Case, ...] = (
     Case("diloco:inner_steps=4,compressor=sign", 8),
     Case("diloco:inner_steps=4,overlap=true,compressor=topk,density=0.05", 8),
     Case("diloco_x:inner_steps=4", 4),  # one round: adaptive compression changes the rank after the first
+    Case("local_sgd:period=4", 8, {"buffer_numel": 37}),  # average_buffers defaults to true
+    Case("local_sgd:period=4,average_buffers=false", 8, {"buffer_numel": 37}),
 )
 
 
 def _module(options: dict[str, Any]) -> TinyModule:
-    return TinyModule(model="wide_mlp", **options)
+    """The wide MLP; ``buffer_numel``: with a floating buffer of that many entries (and an integer one, which no
+    strategy averages), as a BatchNorm's statistics would be."""
+    options = dict(options)
+    buffer_numel = options.pop("buffer_numel", 0)
+    module = TinyModule(model="wide_mlp", **options)
+    if buffer_numel:
+        module.register_buffer("running_stat", torch.zeros(buffer_numel))
+        module.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))
+    return module
 
 
 class _Counter:
@@ -103,7 +113,7 @@ def _build_strategy(spec: StrategySpec) -> Any:
     settings = spec.resolved()
     kwargs = dict(registered)
     for key, value in spec.options.items():
-        if key in settings and key != "compressor_options":
+        if key in settings and key not in ("compressor_options", "optimizer_state_tensors"):  # planner only
             kwargs[key] = value
     if "compressor_options" in settings and settings.get("compressor") is not None:
         kwargs["compressor_options"] = settings["compressor_options"]
@@ -151,17 +161,42 @@ def measured() -> dict[str, dict[str, float]]:
         for i, case in enumerate(cases):
             per_rank = [r[i] for r in ranks]
             assert all(r == per_rank[0] for r in per_rank), f"{case.spec}: ranks measured differently: {per_rank}"
-            results[case.spec] = per_rank[0]
+            results[_key(case)] = per_rank[0]
     return results
+
+
+def _key(case: Case) -> str:
+    return f"{case.spec} {sorted(case.module.items())}"
 
 
 def _entry_all(cases: tuple[Case, ...]) -> list[dict[str, float]]:
     return _measure_layout(cases)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.spec for c in CASES])
+def test_cases_cover_every_registered_flag() -> None:
+    from lightning_optx.strategies import _REGISTERED
+
+    assert {StrategySpec.parse(c.spec).flag for c in CASES} == {"ddp", *_REGISTERED}
+
+
+def test_a_case_averages_buffers() -> None:
+    """Local SGD runs on a model with buffers with and without averaging them, and the plans tell them apart."""
+    with_buffers = {StrategySpec.parse(c.spec).resolved()["average_buffers"]: c for c in CASES
+                    if c.module.get("buffer_numel")}
+    assert set(with_buffers) == {True, False}
+    bytes_per_step = {}
+    for averaged, case in with_buffers.items():
+        workload = Workload.from_module(_module(case.module), step_compute_s=1.0)
+        assert workload.buffer_numel == case.module["buffer_numel"]  # the integer buffer is not averaged
+        (row,) = plan([case.spec], workload, Cluster(nodes=2))
+        bytes_per_step[averaged] = row.inter_node_bytes_per_step
+    assert bytes_per_step[True] - bytes_per_step[False] == pytest.approx(4 * 37 / 4)  # fp32, every 4 steps
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.spec}{'+buffers' if c.module.get('buffer_numel') else ''}"
+                                               for c in CASES])
 def test_planner_bytes_equal_measured_bytes(case: Case, measured: dict[str, dict[str, float]]) -> None:
-    got = measured[case.spec]
+    got = measured[_key(case)]
     assert got["steps"] == case.steps
     measured_per_step = got["bytes"] / got["steps"]
     assert measured_per_step > 0

@@ -1,57 +1,30 @@
-"""A communication planner: bytes, modeled time and speed-up of every strategy for a model on a cluster.
+"""The planner's model: workload, cluster, the collectives of each strategy, their time and exposure.
 
-Plain Python and torch (no Lightning import). For a workload (the parameter shapes and the compute time of one
-optimizer step) and a cluster (nodes x GPUs per node, intra- and inter-node bandwidth, latency), it lists the
-collectives each strategy issues per round, as the same
-:class:`~lightning_optx.distributed.CollectiveRecord` objects the strategies' ledgers hold, and times them
-with :class:`~lightning_optx.distributed.LinkModel` (one network model for the planner, the ledgers and the
-benchmark). The bytes of a compressed collective come from the compressor's own ``payload_bytes`` on
-shape-only (``meta``) tensors, so the planner and the strategies cannot disagree on an encoding.
-
-Topology. Collectives are hierarchical: inside a node over the intra-node link, across nodes over the
-inter-node link, where a node's GPUs each handle ``1/G`` of the payload (so a node sends what one rank of a
-flat collective among the nodes would). Compression runs across nodes only; inside a node the reduction is
-at full precision. Each node's inter-node link is independent (no congestion). See docs/planning.md.
-
-Exposure. DDP's gradient all-reduce hides behind the backward pass (:data:`BACKWARD_FRACTION` of the step's
-compute); an overlapped DiLoCo round hides behind the next round's compute (``H`` steps); everything else
-(compressed DDP, Local SGD, DiLoCo without overlap) blocks.
-
-Examples:
-    >>> workload = Workload.from_params(1_300_000_000, step_compute_s=0.5)
-    >>> cluster = Cluster(nodes=4, gpus_per_node=8, inter_gbps=10.0)
-    >>> rows = {r.strategy: r for r in plan(["ddp", "diloco"], workload, cluster)}
-    >>> round(rows["ddp"].inter_node_bytes_per_step / 1e9, 2)    # 2 (n-1)/n x 5.2 GB per node
-    7.8
-    >>> round(rows["ddp"].inter_node_bytes_per_step / rows["diloco"].inter_node_bytes_per_step)   # H = 500
-    500
+Collectives are the same :class:`~lightning_optx.distributed.CollectiveRecord` objects the strategies' ledgers
+hold, timed with :class:`~lightning_optx.distributed.LinkModel` (one network model for the planner, the ledgers
+and the benchmark). See :mod:`lightning_optx.planning` and docs/planning.md.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
 
-from lightning_optx.compression import COMPRESSORS, Cast, get_compressor
+from lightning_optx.compression import get_compressor
 from lightning_optx.distributed import CollectiveRecord, LinkModel
-from lightning_optx.functional.diloco import check_diloco_args
-from lightning_optx.functional.local_sgd import check_period_args
+from lightning_optx.planning.options import StrategySpec
 
 __all__ = [
     "BACKWARD_FRACTION",
     "DTYPE_BYTES",
-    "IGNORED_OPTIONS",
-    "STRATEGY_DEFAULTS",
     "Cluster",
     "PlannedCollective",
     "StrategyPlan",
-    "StrategySpec",
     "Workload",
     "collectives_for",
     "compute_seconds",
@@ -67,37 +40,7 @@ Hiding = Literal["none", "backward", "round"]
 
 BACKWARD_FRACTION = 2.0 / 3.0  # backward is 4 of a step's 6 N D FLOPs: the window DDP's all-reduce hides in
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-SPARSE_COLLECTIVES = ("all_gather", "two_stage")
 
-# What the planner models of each registered flag, with the defaults of the strategy classes (tests assert they
-# equal the registered classes' signatures and init params). `replica_size` is None: one node's GPUs per replica
-# when there are several nodes, else 1 (the node-replica design of the scale issue).
-_COMPRESSED: dict[str, Any] = {"compressor_options": {}}
-STRATEGY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "ddp": {},
-    "local_sgd": {"period": 8, "average_buffers": True, "average_optimizer_state": False, "replica_size": None},
-    "ddp_powersgd": {"compressor": "powersgd", **_COMPRESSED},
-    "ddp_topk": {"compressor": "topk", **_COMPRESSED},
-    "ddp_sign": {"compressor": "sign", **_COMPRESSED},
-    "ddp_fp16": {"compressor": "fp16", **_COMPRESSED},
-    "ddp_bf16": {"compressor": "bf16", **_COMPRESSED},
-    "diloco": {"inner_steps": 500, "overlap": False, "compressor": None, "compressor_options": {}, "fragments": 1,
-               "replica_size": None},
-    "diloco_x": {"inner_steps": 500, "overlap": True, "compressor": "powersgd", "compressor_options": {"rank": 8},
-                 "fragments": 1, "replica_size": None},
-}
-OPTIMIZER_STATE_TENSORS = 2  # Local SGD's `average_optimizer_state`: AdamW's two moments per parameter
-# Strategy arguments accepted and ignored: they change no byte of the steady state (warm-up, learning rates,
-# error feedback; adaptive compression is planned at its starting level).
-_DILOCO_IGNORED = ("outer_optimizer", "outer_lr", "outer_momentum", "error_feedback", "adaptive_compression",
-                   "compression_bounds")
-IGNORED_OPTIONS: dict[str, tuple[str, ...]] = {
-    "ddp": (),
-    "local_sgd": ("warmup_steps", "min_period"),
-    **{f: ("error_feedback", "check_finite") for f in ("ddp_powersgd", "ddp_topk", "ddp_sign", "ddp_fp16", "ddp_bf16")},
-    "diloco": _DILOCO_IGNORED,
-    "diloco_x": _DILOCO_IGNORED,
-}
 MAX_PARAMS = 10**14
 
 
@@ -231,103 +174,6 @@ class Cluster:
 
 
 @dataclass(frozen=True)
-class StrategySpec:
-    """A registered strategy flag and options that override its defaults (strategy or compressor options).
-
-    Examples:
-        >>> StrategySpec.parse("diloco:inner_steps=100,compressor=topk,density=0.05").options
-        {'inner_steps': 100, 'compressor': 'topk', 'density': 0.05}
-    """
-
-    flag: str
-    options: dict[str, Any] = field(default_factory=dict)
-    sparse_collective: str = "all_gather"
-
-    @classmethod
-    def parse(cls, text: str, sparse_collective: str = "all_gather") -> StrategySpec:
-        flag, _, rest = text.partition(":")
-        options: dict[str, Any] = {}
-        for item in filter(None, rest.split(",")):
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise ValueError(f"option {item!r} of {flag!r} must be written key=value")
-            options[key.strip()] = _parse_value(value.strip())
-        return cls(flag.strip(), options, sparse_collective)
-
-    @property
-    def label(self) -> str:
-        if not self.options:
-            return self.flag
-        return self.flag + ":" + ",".join(f"{k}={v}" for k, v in self.options.items())
-
-    def resolved(self) -> dict[str, Any]:
-        """Defaults updated by the options; unknown keys go to the compressor. Raises ``ValueError``."""
-        if self.flag not in STRATEGY_DEFAULTS:
-            raise ValueError(f"unknown strategy {self.flag!r}; known: {', '.join(STRATEGY_DEFAULTS)}")
-        if self.sparse_collective not in SPARSE_COLLECTIVES:
-            raise ValueError(f"`sparse_collective` must be one of {SPARSE_COLLECTIVES}, got {self.sparse_collective!r}")
-        settings = dict(STRATEGY_DEFAULTS[self.flag])
-        compressor_options = dict(settings.get("compressor_options") or {})
-        if "compressor" in self.options and self.options["compressor"] != settings.get("compressor"):
-            compressor_options = {}  # the registered options belong to the registered compressor
-        for key, value in self.options.items():
-            if key in IGNORED_OPTIONS[self.flag]:
-                continue
-            if key == "qsr_alpha" and value is not None:
-                raise ValueError("qsr_alpha is not modeled (the period follows the learning rate); plan with the "
-                                 "period you expect instead")
-            if key in settings and key != "compressor_options":
-                settings[key] = value
-            elif "compressor" in settings:
-                compressor_options[key] = value
-            else:
-                known = ", ".join(k for k in settings if k != "compressor_options") or "none"
-                raise ValueError(f"unknown option {key!r} for {self.flag!r}; known: {known}")
-        if "compressor" in settings:
-            settings["compressor_options"] = compressor_options
-            if settings["compressor"] is None and compressor_options:
-                known = ", ".join(k for k in settings if k != "compressor_options")
-                raise ValueError(f"unknown option {sorted(compressor_options)[0]!r} for {self.flag!r} without a "
-                                 f"compressor; known: {known}")
-            _check_compressor(self.flag, settings)
-        return settings
-
-
-def _check_compressor(flag: str, settings: dict[str, Any]) -> None:
-    """Build the compressor once, rewording its errors to name the strategy and the option."""
-    name = settings["compressor"]
-    if name is None:
-        return
-    if str(name).lower() not in COMPRESSORS:
-        raise ValueError(f"{flag}: compressor must be None or one of {sorted(COMPRESSORS)}, got compressor={name!r}")
-    try:
-        get_compressor(name, **settings["compressor_options"])
-    except TypeError:
-        cls: Any = Cast if name in ("fp16", "bf16") else COMPRESSORS[str(name).lower()]
-        allowed = [p for p in inspect.signature(cls).parameters if p not in ("dtype", "error_feedback")]
-        unknown = sorted(set(settings["compressor_options"]) - set(allowed))
-        raise ValueError(f"unknown option {unknown[0] if unknown else '?'!r} for {flag!r}; known: "
-                         f"{', '.join(k for k in STRATEGY_DEFAULTS[flag] if k != 'compressor_options')}, and the "
-                         f"{name} compressor's {', '.join(allowed)}") from None
-    except ValueError as err:
-        raise ValueError(f"{flag}: {err}") from None
-
-
-def _parse_value(text: str) -> Any:
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered == "none":
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-@dataclass(frozen=True)
 class PlannedCollective:
     """One collective of a strategy: the record (payload per participant, participants), on which link, how
     often (once every ``every`` optimizer steps) and what may hide it."""
@@ -413,16 +259,26 @@ def _within_replica(payload: float, replica: int, cluster: Cluster, tag: str
 def _across_replicas(messages: list[tuple[str, int]], full_bytes: int, replica: int, cluster: Cluster, tag: str
                      ) -> list[tuple[CollectiveRecord, LinkClass]]:
     """Average across replicas: ``messages`` (a compressor's, or one fp32 all-reduce) across nodes, at full
-    precision inside a node; all inside one node: ``messages`` among its replicas."""
+    precision inside a node; all inside one node: ``messages`` among its replicas. ``full_bytes``: the
+    uncompressed payload (what a node-replica all-gathers of the averaged shards)."""
     g, nodes = cluster.gpus_per_node, cluster.nodes
     replicas = cluster.world_size // replica
     if replicas == 1:
         return []
     if nodes == 1:
         return [(_record(k, b, replicas, tag), "intra") for k, b in messages]
-    if replica >= g:  # whole nodes per replica: each of its nodes carries 1/(nodes per replica) of the payload
+    if replica >= g:
+        # whole nodes per replica, holding identical copies: each of the replica's GPUs averages a 1/replica shard
+        # with its peers in the other replicas, then the replica all-gathers the averaged shards, decompressed
+        # (fp32, `full_bytes`): inside each node, then across the replica's nodes
         share = g / replica
-        return [(_record(k, b * share, replicas, tag), "inter") for k, b in messages]
+        synced: list[tuple[CollectiveRecord, LinkClass]] = [
+            (_record(k, b * share, replicas, tag), "inter") for k, b in messages]
+        if g > 1:
+            synced.append((_record("all_gather", full_bytes / replica, g, tag), "intra"))
+        if replica > g:
+            synced.append((_record("all_gather", full_bytes * share, replica // g, tag), "inter"))
+        return synced
     out: list[tuple[CollectiveRecord, LinkClass]] = [(_record("all_reduce", full_bytes, g // replica, tag), "intra")]
     return out + [(_record(k, b, nodes, tag), "inter") for k, b in messages]
 
@@ -451,11 +307,10 @@ def collectives_for(spec: StrategySpec | str, workload: Workload, cluster: Clust
         found = _within_replica(workload.grad_bytes * params, cluster.world_size, cluster, "grad")
         return [PlannedCollective(r, link, 1, "backward") for r, link in found]
     if "period" in s:  # local SGD
-        check_period_args(s["period"], 0, None, 1)
         replica = _replica_size(s, cluster)
         averaged = workload.grad_bytes * (params + workload.frozen_numel)
         averaged += 4 * workload.buffer_numel * bool(s["average_buffers"])
-        averaged += 4 * OPTIMIZER_STATE_TENSORS * params * bool(s["average_optimizer_state"])
+        averaged += 4 * s["optimizer_state_tensors"] * params * bool(s["average_optimizer_state"])
         per_step = _within_replica(workload.grad_bytes * params, replica, cluster, "grad")
         sync = _across_replicas([("all_reduce", averaged)], averaged, replica, cluster, "params")
         return ([PlannedCollective(r, link, 1, "backward") for r, link in per_step]
@@ -463,7 +318,6 @@ def collectives_for(spec: StrategySpec | str, workload: Workload, cluster: Clust
     messages = (_compressor_messages(s, shapes, spec.sparse_collective) if s["compressor"] is not None
                 else [("all_reduce", fp32)])
     if "inner_steps" in s:  # DiLoCo
-        check_diloco_args(s["inner_steps"], "nesterov", 0.7, 0.9, s["fragments"])
         if s["fragments"] > len(shapes):
             raise ValueError(f"`fragments` must be at most the number of parameters ({len(shapes)}), got "
                              f"fragments={s['fragments']}.")
