@@ -42,10 +42,12 @@ class RankCounter(Callback):
     """Per-rank state registered with the strategy: a tensor that differs per rank (like a filter)."""
 
     def __init__(self) -> None:
-        self.counter = torch.zeros(3)
+        self.counter: torch.Tensor | None = None  # built per process: spawn shares a tensor's storage
         self.restored_at_start: torch.Tensor | None = None
 
     def setup(self, trainer, pl_module, stage):
+        if self.counter is None:
+            self.counter = torch.zeros(3)
         per_rank_state(trainer).register("rank_counter", self)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
