@@ -6,8 +6,8 @@ State that must survive a checkpoint (error-feedback residuals, PowerSGD's Q mem
 random state) is keyed by the caller's stable tensor keys (parameter names), never by DDP bucket, so it is
 independent of how DDP happens to bucket gradients.
 
-Residuals differ per rank; :meth:`Compressor.state_dict` returns this rank's state and the strategy gathers
-every rank's into the checkpoint.
+Residuals differ per rank; :meth:`Compressor.state_dict` returns this rank's state and each rank writes its
+own beside the checkpoint (:mod:`lightning_optx.checkpointing`).
 
 Shared rules of the implementations (:mod:`lightning_optx.compression`):
 
