@@ -218,13 +218,13 @@ class OptxDDPStrategy(DDPStrategy):
         if "optimizer_states" not in checkpoint:
             ours["weights_only"] = True
         else:
-            shared = to_cpu(self._shared_state())
+            shared = self._shared_state()  # on every rank: it may finish collectives still in flight
             mine = {"strategy": self._rank_state(), **self.per_rank_state.collect()}
             if self.is_global_zero:
                 # the module and optimizer state of rank 0 are what Lightning writes anyway
                 mine["strategy"] = {k: v for k, v in mine["strategy"].items()
                                     if k not in ("module", "optimizer_states")}
-                ours.update(comm=self.comm.ledger.state_dict(), shared=shared, rank0=to_cpu(mine))
+                ours.update(comm=self.comm.ledger.state_dict(), shared=to_cpu(shared), rank0=to_cpu(mine))
             else:
                 PerRankState.write(filepath, mine, self.global_rank, self.world_size, self.optimizer_steps)
         if self.is_global_zero:
