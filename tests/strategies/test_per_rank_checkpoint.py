@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_optx import LocalSGDStrategy
 from lightning_optx.checkpointing import PerRankState, per_rank_state, rank_file
-from tests.helpers import TrainJob, run_job
+from tests.helpers import TrainJob, check_resume_equivalence, run_job
 from tests.helpers.models import TinyModule
 
 
@@ -234,3 +234,24 @@ def test_stale_or_foreign_rank_file_is_ignored_and_links_are_followed(tmp_path):
 
 def test_per_rank_state_is_none_for_other_strategies():
     assert per_rank_state(pl.Trainer(accelerator="cpu", logger=False)) is None
+
+
+def server_residual_facts(trainer, module):
+    return {"server": {k: v.clone() for k, v in trainer.strategy.compressor.server_residuals.items()}}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_sign_resume_is_bit_exact_with_per_rank_server_residuals(tmp_path):
+    """ddp_sign: worker and server residuals differ per rank and come back from each rank's own file."""
+    job = TrainJob(module=functools.partial(TinyModule, model="wide_mlp", optimizer="sgd"), strategy="ddp_sign",
+                   inspect=server_residual_facts)
+    straight, resumed = check_resume_equivalence(job, total_epochs=3, split_epoch=1, tmp_dir=str(tmp_path),
+                                                 world_size=2)
+    for s, r in zip(straight, resumed):
+        assert set(s.inspected["server"]) == set(r.inspected["server"]) and s.inspected["server"]
+        for key, value in s.inspected["server"].items():
+            assert torch.equal(value, r.inspected["server"][key]), key
+    # each rank holds the residual of its own chunk: per-rank state, not a copy of rank 0's
+    assert not torch.equal(straight[0].inspected["server"]["net.fc2.weight"],
+                           straight[1].inspected["server"]["net.fc2.weight"])
