@@ -66,7 +66,7 @@ def _all() -> dict[str, Any]:
 
 @pytest.fixture(scope="module", params=[2, pytest.param(4, marks=pytest.mark.slow)])
 def ranks(request) -> list[dict[str, Any]]:
-    return run_distributed(_all, world_size=request.param)
+    return run_distributed(_all, world_size=request.param, timeout=300.0 * request.param)
 
 
 NAMES = ["sign", "topk", "topk_dgc"]
