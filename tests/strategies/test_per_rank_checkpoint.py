@@ -90,7 +90,7 @@ def local_sgd_job(ckpt: str, **kwargs) -> TrainJob:
 
 def check_one_model_copy_on_rank0(tmp_path, world_size: int) -> int:
     ckpt = str(tmp_path / f"w{world_size}.ckpt")
-    results = run_job(local_sgd_job(ckpt), world_size=world_size)
+    results = run_job(local_sgd_job(ckpt), world_size=world_size, timeout=150.0 * world_size)
     facts = results[0].inspected
     own = facts["model_bytes"] + facts["optimizer_bytes"]
     main = torch.load(ckpt, weights_only=False)
