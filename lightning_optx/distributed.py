@@ -37,9 +37,10 @@ __all__ = [
     "agree",
     "all_reduce_mean_coalesced_",
     "tensor_bytes",
+    "wire_bytes",
 ]
 
-CollectiveKind = Literal["all_reduce", "all_gather", "broadcast"]
+CollectiveKind = Literal["all_reduce", "all_gather", "broadcast", "all_to_all"]
 ReduceOp = Literal["sum", "mean"]
 
 
@@ -50,13 +51,37 @@ def tensor_bytes(tensors: Tensor | Iterable[Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def wire_bytes(kind: CollectiveKind, payload_bytes: int, world_size: int) -> int:
+    """Bytes one rank sends plus receives in one collective, under the algorithms :class:`LinkModel` assumes.
+
+    Ring all-reduce of ``b`` bytes: ``2 (n-1)/n b`` each way; ring all-gather of a ``b``-byte shard:
+    ``(n-1) b`` each way; all-to-all of ``b`` bytes per rank: ``(n-1)/n b`` each way; pipelined broadcast:
+    ``b`` each way. ``0`` for one rank.
+
+    Examples:
+        >>> wire_bytes("all_reduce", 400, 4), wire_bytes("all_gather", 100, 4), wire_bytes("all_to_all", 400, 4)
+        (1200, 600, 600)
+    """
+    n = world_size
+    if n <= 1:
+        return 0
+    if kind == "all_reduce":
+        return 4 * (n - 1) * payload_bytes // n
+    if kind == "all_gather":
+        return 2 * (n - 1) * payload_bytes
+    if kind == "all_to_all":
+        return 2 * (n - 1) * payload_bytes // n
+    return 2 * payload_bytes
+
+
 @dataclass(frozen=True)
 class CollectiveRecord:
     """One collective as seen by one rank.
 
     Attributes:
-        kind: ``"all_reduce"``, ``"all_gather"`` or ``"broadcast"``.
-        payload_bytes: bytes this rank puts in (the input tensor's size; for all-gather, its own shard).
+        kind: ``"all_reduce"``, ``"all_gather"``, ``"all_to_all"`` or ``"broadcast"``.
+        payload_bytes: bytes this rank puts in (the input tensor's size; for all-gather, its own shard; for
+            all-to-all, its whole input, own chunk included).
         world_size: number of ranks taking part.
         overlapped: ``True`` if it ran asynchronously behind computation rather than blocking it.
         tag: what was communicated (``"grad"``, ``"params"``, ``"pseudo_grad"``, ...).
@@ -69,6 +94,11 @@ class CollectiveRecord:
     overlapped: bool = False
     tag: str = ""
     step: int = 0
+
+    @property
+    def wire_bytes(self) -> int:
+        """Bytes this rank sends plus receives (see :func:`wire_bytes`)."""
+        return wire_bytes(self.kind, self.payload_bytes, self.world_size)
 
 
 @dataclass
@@ -83,9 +113,11 @@ class CommLedger:
     total_bytes: int = 0
     total_collectives: int = 0
     keep_records: bool = True
+    total_wire_bytes: int = 0
 
     def add(self, record: CollectiveRecord) -> None:
         self.total_bytes += record.payload_bytes
+        self.total_wire_bytes += record.wire_bytes
         self.total_collectives += 1
         if self.keep_records:
             self.records.append(record)
@@ -94,11 +126,13 @@ class CommLedger:
         return sum(r.payload_bytes for r in self.records if r.step == step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"total_bytes": self.total_bytes, "total_collectives": self.total_collectives}
+        return {"total_bytes": self.total_bytes, "total_collectives": self.total_collectives,
+                "total_wire_bytes": self.total_wire_bytes}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.total_bytes = int(state["total_bytes"])
         self.total_collectives = int(state["total_collectives"])
+        self.total_wire_bytes = int(state.get("total_wire_bytes", 0))
 
     def as_dicts(self) -> list[dict[str, Any]]:
         return [asdict(r) for r in self.records]
@@ -171,6 +205,19 @@ class Communicator:
         dist.all_gather(out, tensor.contiguous(), group=self.group)
         return out
 
+    def all_to_all_single(self, tensor: Tensor, tag: str = "", overlapped: bool | None = None) -> Tensor:
+        """Split ``tensor`` (first dimension a multiple of the world size) into one chunk per rank, send chunk
+        ``j`` to rank ``j`` and return what every rank sent to this one, in rank order (same shape).
+
+        Recorded with this rank's whole input as its payload (its own chunk included).
+        """
+        if not self.active:
+            return tensor.clone()
+        self._record("all_to_all", tensor_bytes(tensor), overlapped, tag)
+        out = torch.empty_like(tensor)
+        dist.all_to_all_single(out, tensor.contiguous(), group=self.group)
+        return out
+
     def broadcast_(self, tensor: Tensor, src: int = 0, tag: str = "") -> None:
         if not self.active:
             return
@@ -225,7 +272,8 @@ class LinkModel:
     """A network: per-link bandwidth in Gbit/s and per-message latency in seconds.
 
     All-reduce is modeled as a ring (reduce-scatter + all-gather): ``2 (n-1)/n * bytes / B + 2 (n-1) * lat``;
-    all-gather of a ``b``-byte shard per rank: ``(n-1) * b / B + (n-1) * lat``; broadcast as a pipelined
+    all-gather of a ``b``-byte shard per rank: ``(n-1) * b / B + (n-1) * lat``; all-to-all of ``b`` bytes
+    per rank: ``(n-1)/n * b / B + (n-1) * lat``; broadcast as a pipelined
     ring: ``bytes / B + (n-1) * lat``.
     """
 
@@ -242,5 +290,7 @@ class LinkModel:
             return 2 * (n - 1) / n * b / bytes_per_s + 2 * (n - 1) * self.latency_s
         if record.kind == "all_gather":
             return (n - 1) * b / bytes_per_s + (n - 1) * self.latency_s
+        if record.kind == "all_to_all":
+            return (n - 1) / n * b / bytes_per_s + (n - 1) * self.latency_s
         return b / bytes_per_s + (n - 1) * self.latency_s
 

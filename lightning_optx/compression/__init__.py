@@ -3,15 +3,19 @@
 Every compressor averages a list of named tensors across ranks in place through a compressed
 representation (see :class:`~lightning_optx.compression.base.Compressor`):
 
-=============  ===========================================  ======================================
-name           compressor                                   bytes sent per compressed tensor
-=============  ===========================================  ======================================
-``powersgd``   :class:`PowerSGD` (rank-r power iteration)   ``4 (n + m) r``
-``topk``       :class:`TopK` (DGC sparsification)           ``8 k``, ``k = ceil(density numel)``
-``sign``       :class:`Sign` (scaled 1-bit sign)            ``ceil(numel / 8) + 4``
-``fp16``       :class:`Cast` with ``torch.float16``         ``2 numel``
-``bf16``       :class:`Cast` with ``torch.bfloat16``        ``2 numel``
-=============  ===========================================  ======================================
+=============  ===========================================  ==============================================
+name           compressor                                   payload per compressed tensor (collective)
+=============  ===========================================  ==============================================
+``powersgd``   :class:`PowerSGD` (rank-r power iteration)   ``4 (n + m) r`` (all-reduce)
+``topk``       :class:`TopK` (DGC sparsification)           about ``8 k``, ``k = ceil(density numel)``,
+                                                            out and back (two-stage)
+``sign``       :class:`Sign` (error-feedback signSGD)       about ``numel / 8``, out and back (two-stage)
+``fp16``       :class:`Cast` with ``torch.float16``         ``2 numel`` (all-reduce)
+``bf16``       :class:`Cast` with ``torch.bfloat16``        ``2 numel`` (all-reduce)
+=============  ===========================================  ==============================================
+
+Two-stage: :mod:`lightning_optx.compression.two_stage`, whose bytes per rank do not grow with the number of
+ranks. ``Compressor.wire_bytes`` gives the bytes one rank sends plus receives.
 
 Examples:
     >>> from lightning_optx.compression import get_compressor

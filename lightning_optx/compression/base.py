@@ -6,8 +6,8 @@ State that must survive a checkpoint (error-feedback residuals, PowerSGD's Q mem
 random state) is keyed by the caller's stable tensor keys (parameter names), never by DDP bucket, so it is
 independent of how DDP happens to bucket gradients.
 
-Residuals differ per rank; :meth:`Compressor.state_dict` returns this rank's state and the strategy gathers
-every rank's into the checkpoint.
+Residuals differ per rank; :meth:`Compressor.state_dict` returns this rank's state and each rank writes its
+own beside the checkpoint (:mod:`lightning_optx.checkpointing`).
 
 Shared rules of the implementations (:mod:`lightning_optx.compression`):
 
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_optx.distributed import Communicator
+from lightning_optx.distributed import Communicator, wire_bytes
 
 __all__ = ["Compressor", "check_inputs", "clone_state", "mean_flat_", "residual_for", "world_size_of"]
 
@@ -43,7 +43,7 @@ class Compressor(ABC):
 
     Examples:
         >>> from lightning_optx.compression import TopK
-        >>> from lightning_optx.distributed import Communicator
+        >>> from lightning_optx.distributed import Communicator, wire_bytes
         >>> compressor: Compressor = TopK(density=0.25)     # any implementation, used the same way
         >>> grads = [torch.tensor([[1.0, -4.0, 0.5, 0.0], [2.0, 0.1, 0.0, 0.3]]), torch.ones(4)]
         >>> compressor.reduce_(grads, ["fc.weight", "fc.bias"], Communicator(), tag="grad")
@@ -52,7 +52,7 @@ class Compressor(ABC):
                 [ 2.,  0.,  0.,  0.]])
         >>> compressor.end_iteration()
         >>> sorted(compressor.state_dict())
-        ['iteration', 'residuals', 'velocities']
+        ['iteration', 'residuals', 'server_residuals', 'velocities']
     """
 
     name: str = "compressor"
@@ -80,14 +80,20 @@ class Compressor(ABC):
         """The current compression level (PowerSGD rank, top-k density...); for logging and adaptation."""
         return 1.0
 
-    def compression_ratio(self, tensors: Sequence[Tensor], world_size: int) -> float:
-        """fp32 all-reduce bytes divided by this compressor's bytes for the same tensors.
+    def wire_bytes(self, tensors: Sequence[Tensor], world_size: int) -> float:
+        """Bytes one rank sends plus receives for one :meth:`reduce_` (ring algorithms, see
+        :func:`~lightning_optx.distributed.wire_bytes`). Default: everything goes through all-reduces."""
+        return float(wire_bytes("all_reduce", self.payload_bytes(tensors, world_size), world_size))
 
-        A property of the encoding: for ``world_size < 2`` (where nothing is sent) it is evaluated as if
-        there were two ranks.
+    def compression_ratio(self, tensors: Sequence[Tensor], world_size: int) -> float:
+        """Bytes an fp32 ring all-reduce of the same tensors sends and receives, divided by this compressor's.
+
+        Counted on the wire (sent + received per rank), so a code that is all-gathered pays for every rank's
+        payload it receives. For ``world_size < 2`` (where nothing is sent) it is evaluated for two ranks.
         """
-        raw = sum(t.numel() * 4 for t in tensors)
-        return raw / max(1, self.payload_bytes(tensors, max(2, world_size)))
+        world = max(2, world_size)
+        raw = wire_bytes("all_reduce", sum(t.numel() * 4 for t in tensors), world)
+        return raw / max(1.0, self.wire_bytes(tensors, world))
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's state: copies (never live references) of tensors, plain python objects otherwise."""
@@ -136,7 +142,7 @@ def mean_flat_(outputs: Sequence[Tensor], comm: Communicator, tag: str,
     nothing) when there is nothing to send.
 
     Examples:
-        >>> from lightning_optx.distributed import Communicator
+        >>> from lightning_optx.distributed import Communicator, wire_bytes
         >>> t = [torch.ones(2), torch.full((1, 2), 3.0)]
         >>> mean_flat_(t, Communicator(), tag="grad")    # one process: the mean is the tensor itself
         >>> t[1]

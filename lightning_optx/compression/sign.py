@@ -1,52 +1,41 @@
-"""1-bit (scaled sign) compression with error feedback, as in 1-bit SGD / 1-bit Adam."""
+"""Error-feedback signSGD: 1-bit scaled-sign compression with error feedback (Seide et al.; Karimireddy et al.),
+averaged with a two-stage compressed all-reduce (:mod:`lightning_optx.compression.two_stage`)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Hashable, Sequence
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_optx.compression.base import Compressor, check_inputs, mean_flat_, residual_for, world_size_of
-from lightning_optx.distributed import Communicator
+from lightning_optx.compression.base import Compressor, check_inputs, clone_state, mean_flat_, residual_for
+from lightning_optx.compression.two_stage import (
+    pack_bits,
+    sign_two_stage_,
+    sign_two_stage_bytes,
+    sign_two_stage_wire_bytes,
+    unpack_bits,
+)
+from lightning_optx.distributed import Communicator, wire_bytes
 
 __all__ = ["Sign", "pack_bits", "unpack_bits"]
-
-
-def pack_bits(bits: Tensor) -> Tensor:
-    """Pack a flat boolean tensor 8 per byte (first element in the most significant bit), zero-padded.
-
-    Examples:
-        >>> pack_bits(torch.tensor([True, False, False, False, False, False, False, True, True]))
-        tensor([129, 128], dtype=torch.uint8)
-    """
-    padded = F.pad(bits.reshape(-1).to(torch.uint8), (0, (-bits.numel()) % 8)).view(-1, 8)
-    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=bits.device)
-    return torch.bitwise_left_shift(padded, shifts).sum(dim=1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: Tensor, numel: int) -> Tensor:
-    """Inverse of :func:`pack_bits`: the first ``numel`` bits as a boolean tensor.
-
-    Examples:
-        >>> unpack_bits(torch.tensor([129, 128], dtype=torch.uint8), 9)
-        tensor([ True, False, False, False, False, False, False,  True,  True])
-    """
-    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
-    bits = torch.bitwise_right_shift(packed.unsqueeze(1), shifts).bitwise_and_(1)
-    return bits.view(-1)[:numel].bool()
 
 
 class Sign(Compressor):
     """Send one bit per entry, the sign, and one fp32 scale per tensor: ``C(m) = sign(m) * mean(|m|)``.
 
-    Each compressed tensor ``m = tensor + residual`` is encoded as its sign bits (``m >= 0`` is ``+``, so a
-    zero is sent as ``+scale``) packed 8 per byte and the scale ``mean(|m|)``. All scales and all bits of a
-    call travel in ONE uint8 ``all_gather`` (``4`` bytes per scale, then ``ceil(numel / 8)`` bytes per
-    tensor); every rank decodes every rank's ``sign * scale``, sums them in rank order (bit-identical on
-    every rank) and divides by the world size. With error feedback the residual is ``m - sign(m) * scale``.
+    Error-feedback signSGD (not 1-bit Adam, which applies the same code to Adam's momentum). Each
+    compressed tensor ``m = tensor + residual`` is encoded as its sign bits (``m >= 0`` is ``+``, so a zero
+    is sent as ``+scale``) and the scale ``mean(|m|)``; with error feedback the residual is ``m - C(m)``.
+    The ranks' codes are averaged by a two-stage compressed all-reduce
+    (:func:`~lightning_optx.compression.two_stage.sign_two_stage_`): rank ``j`` receives chunk ``j`` of every
+    rank's bits (one ``all_to_all``) and the scales (one ``all_gather``), averages its chunk in rank order,
+    adds its *server* residual, compresses that average again with its own scale (the server residual keeps
+    ``average - C(average)``) and the compressed chunks are all-gathered, so the result is bit-identical on
+    every rank and each rank sends and receives about ``2 (n-1)/n`` bits per entry whatever the number of
+    ranks ``n``. Worker residuals (``residuals``) and server residuals (``server_residuals``, this rank's
+    chunk, so their shape depends on the world size) are per-rank state.
 
     Raw (exact mean, one flat fp32 all-reduce for all of them): 1-D tensors, and tensors with fewer than
     ``min_numel`` entries: in bytes a 1-bit code pays from 2 entries on, but below a few dozen entries the
@@ -67,8 +56,8 @@ class Sign(Compressor):
         tensor([ 3., -3.,  3., -3.])
         >>> sign.residuals["w"][0]
         tensor([-2.,  1.,  0., -3.])
-        >>> sign.payload_bytes([g], world_size=2)    # 64 / 8 bytes of signs + a 4-byte scale
-        12
+        >>> sign.payload_bytes([g], world_size=2)    # 2 x 4 bytes of signs out, a scale, 4 bytes + a scale back
+        20
     """
 
     name = "sign"
@@ -78,6 +67,7 @@ class Sign(Compressor):
         if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 1:
             raise ValueError(f"`min_numel` must be an integer >= 1, got min_numel={min_numel!r}.")
         self.min_numel = min_numel
+        self.server_residuals: dict[Hashable, Tensor] = {}
 
     @property
     def level(self) -> float:
@@ -88,52 +78,55 @@ class Sign(Compressor):
         return t.dim() >= 2 and t.numel() >= self.min_numel
 
     def payload_bytes(self, tensors: Sequence[Tensor], world_size: int) -> int:
-        """``ceil(numel / 8) + 4`` per compressed tensor plus ``4 numel`` per raw tensor (0 for one process)."""
+        """``4 numel`` per raw tensor plus the two stages' bytes (0 for one process).
+
+        Two stages: an ``all_to_all`` of ``n * chunk`` bytes (``chunk = ceil(numel / 8n)`` rounded up, per
+        tensor), an ``all_gather`` of the ``4``-byte worker scales and one of the server's scales and chunk.
+        """
         if world_size < 2:
             return 0
-        return sum(math.ceil(t.numel() / 8) + 4 if self._compressible(t) else 4 * t.numel() for t in tensors)
+        raw = sum(4 * t.numel() for t in tensors if not self._compressible(t))
+        numels = [t.numel() for t in tensors if self._compressible(t)]
+        return raw + (sign_two_stage_bytes(numels, world_size) if numels else 0)
+
+    def wire_bytes(self, tensors: Sequence[Tensor], world_size: int) -> float:
+        """Bytes one rank sends plus receives: about ``2 (n-1)/n`` bits per compressed entry each way."""
+        if world_size < 2:
+            return 0.0
+        raw = sum(4 * t.numel() for t in tensors if not self._compressible(t))
+        numels = [t.numel() for t in tensors if self._compressible(t)]
+        return wire_bytes("all_reduce", raw, world_size) + (sign_two_stage_wire_bytes(numels, world_size)
+                                                            if numels else 0)
 
     def reduce_(self, tensors: Sequence[Tensor], keys: Sequence[Hashable], comm: Communicator,
                 tag: str = "grad") -> None:
-        """Replace every tensor in place by the mean over ranks of their scaled signs (see the class docstring)."""
+        """Replace every tensor in place by the two-stage mean of the ranks' scaled signs (see the class docstring)."""
         check_inputs(tensors, keys)
         chosen = [i for i, t in enumerate(tensors) if self._compressible(t)]
         picked = set(chosen)
         mean_flat_([t for i, t in enumerate(tensors) if i not in picked], comm, tag)
         if chosen:
-            self._sign_mean_([tensors[i] for i in chosen], [keys[i] for i in chosen], comm, tag)
+            sign_two_stage_([tensors[i] for i in chosen], [keys[i] for i in chosen], comm, tag,
+                            worker_residual=self._worker_residual, server_residual=self._server_residual)
 
-    def _encode(self, t: Tensor, key: Hashable) -> tuple[Tensor, Tensor]:
-        """``(scale, packed sign bits)`` of ``m = t + residual``; updates the residual."""
-        m = torch.empty(t.shape, dtype=torch.float32, device=t.device)
-        m.copy_(t.detach())
-        if self.error_feedback:
-            m.add_(residual_for(self, key, m))
-        scale = m.abs().mean()
-        positive = m >= 0
-        if self.error_feedback:
-            self.residuals[key] = m - _decode(positive, scale)
-        return scale.reshape(1), pack_bits(positive)
+    def _worker_residual(self, key: Hashable, m: Tensor) -> Tensor | None:
+        return residual_for(self, key, m) if self.error_feedback else None
 
-    def _sign_mean_(self, tensors: list[Tensor], keys: list[Hashable], comm: Communicator, tag: str) -> None:
-        encoded = [self._encode(t, k) for t, k in zip(tensors, keys)]
-        scales = torch.cat([scale for scale, _ in encoded])
-        payload = torch.cat([scales.view(torch.uint8)] + [bits for _, bits in encoded])
-        gathered = comm.all_gather(payload, tag=tag)
-        sums = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in tensors]
-        for contribution in gathered:  # rank order: the same sums on every rank
-            rank_scales = contribution[:4 * len(tensors)].view(torch.float32)
-            offset = 4 * len(tensors)
-            for i, acc in enumerate(sums):
-                nbytes = math.ceil(acc.numel() / 8)
-                positive = unpack_bits(contribution[offset:offset + nbytes], acc.numel()).view(acc.shape)
-                acc.add_(_decode(positive, rank_scales[i]))
-                offset += nbytes
-        world = world_size_of(comm)
-        for t, acc in zip(tensors, sums):
-            t.copy_(acc.div_(world))
+    def _server_residual(self, key: Hashable, chunk: Tensor) -> Tensor | None:
+        if not self.error_feedback:
+            return None
+        r = self.server_residuals.get(key)
+        if r is None or r.shape != chunk.shape:
+            r = torch.zeros_like(chunk)
+        self.server_residuals[key] = r.to(chunk)
+        return self.server_residuals[key]
 
+    def state_dict(self) -> dict[str, Any]:
+        """Iteration, worker residuals and this rank's server residuals."""
+        state = super().state_dict()
+        state["server_residuals"] = clone_state(self.server_residuals)
+        return state
 
-def _decode(positive: Tensor, scale: Tensor) -> Tensor:
-    """``+scale`` where ``positive``, ``-scale`` elsewhere."""
-    return torch.where(positive, scale, -scale)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.server_residuals = clone_state(state.get("server_residuals", {}))

@@ -15,9 +15,9 @@ from lightning_optx.compression.base import (
     clone_state,
     mean_flat_,
     residual_for,
-    world_size_of,
 )
-from lightning_optx.distributed import Communicator
+from lightning_optx.compression.two_stage import topk_two_stage_, topk_two_stage_bytes, topk_two_stage_wire_bytes
+from lightning_optx.distributed import Communicator, wire_bytes
 
 __all__ = ["TopK"]
 
@@ -27,11 +27,15 @@ _MAX_INDEX = 2**31 - 1  # indices travel as int32
 class TopK(Compressor):
     """Send only the ``k`` largest-magnitude entries of each tensor (Deep Gradient Compression style).
 
-    For each compressed tensor the ``k = max(1, ceil(density * numel))`` entries of largest ``|m|`` are
-    selected (``m = tensor + residual``); every rank's ``(value fp32, index int32)`` pairs travel in ONE
-    fixed-size ``all_gather`` per call, and every rank scatter-adds all ranks' contributions in rank order
-    (so the result is bit-identical everywhere) and divides by the world size. With error feedback the
-    residual keeps the entries that were not sent. A tensor goes raw (exact mean, one flat fp32 all-reduce
+    For each compressed tensor about ``k = max(1, ceil(density * numel))`` entries of largest ``|m|`` are
+    sent (``m = tensor + residual``), through a two-stage sparse all-reduce
+    (:func:`~lightning_optx.compression.two_stage.topk_two_stage_`) whose bytes per rank do not grow with the
+    number of ranks ``n``: the tensor is split into ``n`` chunks, each rank sends the ``ceil(k / n)`` largest
+    entries of chunk ``j`` as ``(value fp32, index int32)`` pairs to rank ``j`` (one ``all_to_all``); rank
+    ``j`` sums them in rank order, divides by ``n``, adds its *server* residual and keeps the ``ceil(k / n)``
+    largest (the server residual keeps the rest), and those pairs are all-gathered, so the result is
+    bit-identical everywhere. With one process this is the plain top-k of ``m``. With error feedback the
+    worker residual keeps the entries that were not sent. A tensor goes raw (exact mean, one flat fp32 all-reduce
     for all of them) when it is 1-D or when the sparse payload is not smaller (``8 k >= 4 numel``).
 
     ``momentum_correction=mu`` enables DGC's momentum correction and momentum factor masking: per tensor a
@@ -58,8 +62,8 @@ class TopK(Compressor):
         >>> topk.residuals["w"]
         tensor([[ 0.1000,  0.0000,  0.2000,  0.0000],
                 [ 0.0000,  0.0000, -0.5000,  0.3000]])
-        >>> topk.payload_bytes([g], world_size=2)     # 2 * (4 + 4) bytes
-        16
+        >>> topk.payload_bytes([g], world_size=2)     # 1 pair per chunk: 2 x 8 bytes out, 8 bytes back
+        24
     """
 
     name = "topk"
@@ -80,6 +84,7 @@ class TopK(Compressor):
                 )
         self.momentum_correction = None if momentum_correction is None else float(momentum_correction)
         self.velocities: dict[Hashable, Tensor] = {}
+        self.server_residuals: dict[Hashable, Tensor] = {}
 
     @property
     def density(self) -> float:
@@ -107,10 +112,22 @@ class TopK(Compressor):
         return t.dim() >= 2 and 8 * self.k_for(t.numel()) < 4 * t.numel()
 
     def payload_bytes(self, tensors: Sequence[Tensor], world_size: int) -> int:
-        """``8 k`` per compressed tensor plus ``4 numel`` per raw tensor (0 for one process)."""
+        """``4 numel`` per raw tensor plus, per compressed tensor, ``8 (n + 1) ceil(k / n)``: the all-to-all
+        of every chunk's pairs and the all-gather of this rank's server pairs (0 for one process)."""
         if world_size < 2:
             return 0
-        return sum(8 * self.k_for(t.numel()) if self._compressible(t) else 4 * t.numel() for t in tensors)
+        raw = sum(4 * t.numel() for t in tensors if not self._compressible(t))
+        chosen = [t.numel() for t in tensors if self._compressible(t)]
+        return raw + topk_two_stage_bytes(chosen, [self.k_for(n) for n in chosen], world_size)
+
+    def wire_bytes(self, tensors: Sequence[Tensor], world_size: int) -> float:
+        """Bytes one rank sends plus receives: about ``4 (n-1)/n * 8 k`` per compressed tensor."""
+        if world_size < 2:
+            return 0.0
+        raw = sum(4 * t.numel() for t in tensors if not self._compressible(t))
+        chosen = [t.numel() for t in tensors if self._compressible(t)]
+        return wire_bytes("all_reduce", raw, world_size) + topk_two_stage_wire_bytes(
+            chosen, [self.k_for(n) for n in chosen], world_size)
 
     # ------------------------------------------------------------------ reduction
 
@@ -136,43 +153,44 @@ class TopK(Compressor):
         self.velocities[key] = u
         return u
 
-    def _select(self, t: Tensor, key: Hashable) -> Tensor:
-        """This rank's int32 payload ``[values as int32 bits, indices]`` for ``t``; updates the state."""
+    def _worker_input(self, t: Tensor, key: Hashable) -> Tensor:
+        """``m``: the error-compensated fp32 input of ``t`` (with DGC, the accumulator ``v + u``)."""
         if t.numel() > _MAX_INDEX:
             raise ValueError(f"TopK indexes with int32: tensor {key!r} has {t.numel()} > 2**31 - 1 entries.")
         if self.momentum_correction is not None:
             u = self._velocity(t, key)
-            m = residual_for(self, key, u).add_(u)
-        else:
-            m = torch.empty(t.shape, dtype=torch.float32, device=t.device)
-            m.copy_(t.detach())
-            if self.error_feedback:
-                m.add_(residual_for(self, key, m))
-        flat = m.view(-1)
-        _, idx = torch.topk(flat.abs(), self.k_for(flat.numel()), sorted=False)
-        values = flat[idx]
+            return residual_for(self, key, u).add_(u)
+        m = t.detach().to(torch.float32, copy=True)
         if self.error_feedback:
-            flat[idx] = 0.0
-            self.residuals[key] = m
+            m.add_(residual_for(self, key, m))
+        return m
+
+    def _on_selected(self, key: Hashable, padded: Tensor, idx: Tensor) -> None:
+        """The worker stage sent ``padded[idx]``: the residual keeps the rest; DGC masks the velocity there."""
+        numel = self.residuals[key].numel() if key in self.residuals else 0
+        if self.error_feedback:
+            kept = padded.clone().index_fill_(0, idx, 0.0)[:numel]
+            self.residuals[key] = kept.view(self.residuals[key].shape)
         if self.momentum_correction is not None:
-            self.velocities[key].view(-1)[idx] = 0.0
-        return torch.cat([values.view(torch.int32), idx.to(torch.int32)])
+            velocity = self.velocities[key].view(-1)
+            velocity.index_fill_(0, idx[idx < velocity.numel()], 0.0)
+
+    def _server_residual(self, key: Hashable, chunk: Tensor) -> Tensor | None:
+        if not self.error_feedback:
+            return None
+        r = self.server_residuals.get(key)
+        if r is None or r.shape != chunk.shape:
+            r = torch.zeros_like(chunk)
+        self.server_residuals[key] = r.to(chunk)
+        return self.server_residuals[key]
 
     def _sparse_mean_(self, tensors: list[Tensor], keys: list[Hashable], comm: Communicator, tag: str) -> None:
-        payload = torch.cat([self._select(t, k) for t, k in zip(tensors, keys)])
-        gathered = comm.all_gather(payload, tag=tag)
-        sums = [torch.zeros(t.numel(), dtype=torch.float32, device=t.device) for t in tensors]
-        for contribution in gathered:  # rank order: the same sums on every rank
-            offset = 0
-            for acc in sums:
-                k = self.k_for(acc.numel())
-                values = contribution[offset:offset + k].view(torch.float32)
-                idx = contribution[offset + k:offset + 2 * k].to(torch.int64)
-                acc.index_add_(0, idx, values)
-                offset += 2 * k
-        world = world_size_of(comm)
-        for t, acc in zip(tensors, sums):
-            t.copy_(acc.div_(world).view(t.shape))
+        inputs = [self._worker_input(t, k) for t, k in zip(tensors, keys)]
+        if self.error_feedback:
+            for m, k in zip(inputs, keys):
+                self.residuals[k] = m  # _on_selected reads its shape, then replaces it
+        topk_two_stage_(tensors, [m.reshape(-1) for m in inputs], keys, [self.k_for(t.numel()) for t in tensors],
+                        comm, tag, on_selected=self._on_selected, server_residual=self._server_residual)
 
     # ------------------------------------------------------------------ checkpointing
 
@@ -180,8 +198,10 @@ class TopK(Compressor):
         """Iteration, residuals (the DGC accumulators) and, with momentum correction, the velocities."""
         state = super().state_dict()
         state["velocities"] = clone_state(self.velocities)
+        state["server_residuals"] = clone_state(self.server_residuals)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.velocities = clone_state(state.get("velocities", {}))
+        self.server_residuals = clone_state(state.get("server_residuals", {}))

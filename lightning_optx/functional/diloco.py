@@ -15,12 +15,23 @@ Examples:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["adapt_level", "check_diloco_args", "first_sync_step", "pseudo_gradients", "split_fragments"]
+__all__ = [
+    "DEFAULT_BUCKET_BYTES",
+    "adapt_level",
+    "bucketed_outer_step_",
+    "buckets_by_bytes",
+    "check_diloco_args",
+    "first_sync_step",
+    "pseudo_gradients",
+    "split_fragments",
+]
+
+DEFAULT_BUCKET_BYTES = 32 * 2**20  # torchft's DiLoCo bucket size
 
 OUTER_OPTIMIZERS = ("nesterov", "sgd")
 
@@ -95,3 +106,74 @@ def relative_error(original: Sequence[Tensor], approx: Sequence[Tensor]) -> floa
     num = torch.stack([torch.linalg.vector_norm(o.float() - a.float()) for o, a in zip(original, approx)]).norm()
     den = torch.stack([torch.linalg.vector_norm(o.float()) for o in original]).norm()
     return float(num / den) if float(den) > 0 else 0.0
+
+
+def buckets_by_bytes(sizes: Sequence[int], bucket_bytes: int) -> list[list[int]]:
+    """Split indices, in order, into contiguous buckets of at most ``bucket_bytes`` (a larger tensor is alone).
+
+    Examples:
+        >>> buckets_by_bytes([40, 40, 40, 200, 8], bucket_bytes=100)
+        [[0, 1], [2], [3], [4]]
+    """
+    if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 1:
+        raise ValueError(f"`bucket_bytes` must be an integer >= 1, got bucket_bytes={bucket_bytes!r}.")
+    buckets: list[list[int]] = []
+    used = bucket_bytes
+    for i, size in enumerate(sizes):
+        if used + size > bucket_bytes:
+            buckets.append([])
+            used = 0
+        buckets[-1].append(i)
+        used += size
+    return buckets
+
+
+def bucketed_outer_step_(
+    params: Sequence[Tensor],
+    global_params: Sequence[Tensor],
+    outer: torch.optim.Optimizer,
+    average_: Callable[[Tensor, list[Tensor], list[int]], None],
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+) -> int:
+    """DiLoCo's outer step, one bucket of parameters at a time, so its transient memory stays bounded.
+
+    For each bucket of at most ``bucket_bytes`` (fp32): the pseudo-gradients ``global - local`` are written
+    into ONE flat fp32 buffer on the parameters' device, ``average_(flat, views, indices)`` averages them in
+    place across ranks (``views`` are the per-tensor views of ``flat``, ``indices`` their positions in
+    ``params``), the outer optimizer steps this bucket's ``global_params`` (parameters without a gradient
+    are skipped by ``torch.optim`` optimizers) and the new global values are copied into ``params``. The
+    result equals the step over all parameters at once; the transient is one bucket (plus the bucket's
+    gradients on the global parameters' device, off the accelerator when they live on the CPU).
+
+    Returns:
+        The size in bytes of the largest flat buffer allocated (the transient to budget for).
+
+    Examples:
+        >>> local = [torch.tensor([1.0, 2.0]), torch.tensor([3.0])]
+        >>> glob = [torch.zeros(2), torch.zeros(1)]
+        >>> outer = torch.optim.SGD(glob, lr=1.0)
+        >>> bucketed_outer_step_(local, glob, outer, lambda flat, views, idx: None, bucket_bytes=8)
+        8
+        >>> local
+        [tensor([1., 2.]), tensor([3.])]
+    """
+    largest = 0
+    sizes = [4 * p.numel() for p in params]
+    for bucket in buckets_by_bytes(sizes, bucket_bytes):
+        device = params[bucket[0]].device
+        flat = torch.empty(sum(params[i].numel() for i in bucket), dtype=torch.float32, device=device)
+        largest = max(largest, flat.numel() * 4)
+        views = list(torch.split(flat, [params[i].numel() for i in bucket]))
+        views = [v.view(params[i].shape) for v, i in zip(views, bucket)]
+        for v, i in zip(views, bucket):
+            v.copy_(global_params[i])
+            v.sub_(params[i].detach())
+        average_(flat, views, bucket)
+        for v, i in zip(views, bucket):
+            global_params[i].grad = v.to(global_params[i].device)  # a view of ``flat`` when on the same device
+        outer.step()
+        for i in bucket:
+            global_params[i].grad = None
+            params[i].detach().copy_(global_params[i])
+        del flat, views
+    return largest

@@ -4,17 +4,19 @@ Not a public API. Each strategy subclasses :class:`OptxDDPStrategy` and fills in
 
 Checkpoints. Lightning writes checkpoints from rank 0 only, but some of our state differs per rank
 (error-feedback residuals; under Local SGD, each rank's parameters and optimizer moments between syncs).
-At save time every rank's part is gathered to rank 0 (``torch.distributed.gather_object``) and written
-into the checkpoint under ``checkpoint["lightning_optx"]["per_rank"]``; the state every rank shares goes under
-``["shared"]``. At load time each rank takes its own entry: optimizer states are swapped into the checkpoint
-before Lightning restores them, and module weights are re-applied right after the DDP wrap (whose rank-0
-broadcast would otherwise overwrite them). A checkpoint written with another world size falls back to
-rank 0's state for every rank, with a warning, and drops per-rank residuals.
+Nothing is gathered (see :mod:`lightning_optx.checkpointing`): the state every rank shares and rank 0's own
+part go into the checkpoint under ``checkpoint["lightning_optx"]`` (``"shared"``, ``"rank0"``), and every
+other rank writes its own part to a file beside the checkpoint. At load time each rank takes its own part:
+optimizer states are swapped into the checkpoint before Lightning restores them, and module weights are
+re-applied right after the DDP wrap (whose rank-0 broadcast would otherwise overwrite them). A checkpoint
+written with another world size falls back to rank 0's state for every rank, with a warning, and drops
+per-rank residuals.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -28,7 +30,8 @@ from torch import Tensor
 from torch.nn import Parameter
 from torch.optim import Optimizer
 
-from lightning_optx.distributed import Communicator
+from lightning_optx.checkpointing import PerRankState, rank_file
+from lightning_optx.distributed import Communicator, wire_bytes
 
 CHECKPOINT_KEY = "lightning_optx"
 
@@ -89,6 +92,7 @@ class OptxDDPStrategy(DDPStrategy):
         self._fp32_grad_bytes = 0
         self._pending_rank_state: dict[str, Any] | None = None
         self._pending_shared_state: dict[str, Any] | None = None
+        self.per_rank_state = PerRankState()
 
     # ------------------------------------------------------------------ set-up
 
@@ -114,6 +118,7 @@ class OptxDDPStrategy(DDPStrategy):
                 self.lightning_module.load_state_dict(module_state)
             self._load_rank_state(self._pending_rank_state)
             self._pending_rank_state = None
+        self.per_rank_state.restore()
         self._hook_state.allreduce = self._hook_allreduces()
 
     def _check_supported(self, trainer: pl.Trainer) -> None:
@@ -168,8 +173,9 @@ class OptxDDPStrategy(DDPStrategy):
             return
         ledger = self.comm.ledger
         step_bytes = ledger.bytes_for_step(self.optimizer_steps - 1)
-        baseline = self._fp32_grad_bytes * self.optimizer_steps
-        ratio = baseline / ledger.total_bytes if ledger.total_bytes else float("inf")
+        # bytes on the wire (sent + received) against an fp32 ring all-reduce of every gradient every step
+        baseline = wire_bytes("all_reduce", self._fp32_grad_bytes, self.comm.world_size) * self.optimizer_steps
+        ratio = baseline / ledger.total_wire_bytes if ledger.total_wire_bytes else float("inf")
         metrics = {
             "comm/bytes_per_step": float(step_bytes),
             "comm/bytes_total": float(ledger.total_bytes),
@@ -199,22 +205,37 @@ class OptxDDPStrategy(DDPStrategy):
     # ------------------------------------------------------------------ checkpointing
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        mine = to_cpu(self._rank_state())
-        gathered: list[Any] | None = [None] * self.world_size if self.is_global_zero else None
-        if self.comm.active:
-            dist.gather_object(mine, gathered, dst=0)
+        """Rank 0 writes the checkpoint with the shared state and its own; every other rank writes its own file.
+
+        Nothing is gathered: see :mod:`lightning_optx.checkpointing`. A weights-only checkpoint (no
+        ``"optimizer_states"``) carries no strategy, optimizer or residual state.
+        """
+        ours: dict[str, Any] = {
+            "strategy": self.strategy_name,
+            "world_size": self.world_size,
+            "optimizer_steps": self.optimizer_steps,
+        }
+        if "optimizer_states" not in checkpoint:
+            ours["weights_only"] = True
         else:
-            gathered = [mine]
+            shared = self._shared_state()  # on every rank: it may finish collectives still in flight
+            mine = {"strategy": self._rank_state(), **self.per_rank_state.collect()}
+            if self.is_global_zero:
+                # the module and optimizer state of rank 0 are what Lightning writes anyway
+                mine["strategy"] = {k: v for k, v in mine["strategy"].items()
+                                    if k not in ("module", "optimizer_states")}
+                ours.update(comm=self.comm.ledger.state_dict(), shared=to_cpu(shared), rank0=to_cpu(mine))
+            else:
+                PerRankState.write(filepath, mine, self.global_rank, self.world_size, self.optimizer_steps)
         if self.is_global_zero:
-            checkpoint[CHECKPOINT_KEY] = {
-                "strategy": self.strategy_name,
-                "world_size": self.world_size,
-                "optimizer_steps": self.optimizer_steps,
-                "comm": self.comm.ledger.state_dict(),
-                "shared": to_cpu(self._shared_state()),
-                "per_rank": gathered,
-            }
+            checkpoint[CHECKPOINT_KEY] = ours
         super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        """Remove the checkpoint (rank 0) and each rank's own file beside it."""
+        super().remove_checkpoint(filepath)
+        if not self.is_global_zero:
+            PerRankState.remove(filepath, self.global_rank)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         if weights_only:
@@ -229,17 +250,44 @@ class OptxDDPStrategy(DDPStrategy):
             rank_zero_warn(f"{type(self).__name__}: the checkpoint was written by strategy {ours['strategy']!r}; "
                            "its strategy state is not restored.")
             return checkpoint
+        if ours.get("weights_only"):
+            return checkpoint
         self.optimizer_steps = int(ours["optimizer_steps"])
         self.comm.ledger.load_state_dict(ours["comm"])
         self._pending_shared_state = ours["shared"]
-        if ours["world_size"] == self.world_size:
-            rank_state = ours["per_rank"][self.global_rank]
-        else:
-            rank_zero_warn(f"{type(self).__name__}: the checkpoint was written with world size "
-                           f"{ours['world_size']}, this run has {self.world_size}; every rank resumes from rank 0's "
-                           "state and per-rank residuals are reset.")
-            rank_state = {k: v for k, v in ours["per_rank"][0].items() if k in ("module", "optimizer_states")}
+        states = self._read_rank_states(ours, checkpoint_path)
+        rank_state = states.pop("strategy", {})
         if "optimizer_states" in rank_state:
             checkpoint["optimizer_states"] = rank_state["optimizer_states"]
         self._pending_rank_state = rank_state
+        self.per_rank_state.set_pending(states)
         return checkpoint
+
+    def _read_rank_states(self, ours: dict[str, Any], checkpoint_path: Any) -> dict[str, Any]:
+        """This rank's per-rank states (``{"strategy": ..., <registered key>: ...}``), or the fallback."""
+        saved_world = int(ours["world_size"])
+        if "per_rank" in ours:  # written before per-rank files existed: every rank's state inside
+            if saved_world == self.world_size:
+                return {"strategy": ours["per_rank"][self.global_rank]}
+            return self._fallback(f"the checkpoint was written with world size {saved_world}, this run has "
+                                  f"{self.world_size}")
+        if saved_world != self.world_size:
+            return self._fallback(f"the checkpoint was written with world size {saved_world}, this run has "
+                                  f"{self.world_size}")
+        if self.is_global_zero:
+            return dict(ours["rank0"])
+        states = PerRankState.read(checkpoint_path, self.global_rank, self.world_size, int(ours["optimizer_steps"]))
+        if states is None:
+            return self._fallback(f"rank {self.global_rank}'s file {rank_file(checkpoint_path, self.global_rank)!r} "
+                                  "is missing or belongs to another checkpoint", all_ranks=True)
+        return states
+
+    def _fallback(self, why: str, all_ranks: bool = False) -> dict[str, Any]:
+        """Resume from rank 0's model and optimizer state (in the checkpoint itself); per-rank state is reset."""
+        message = (f"{type(self).__name__}: {why}; this rank resumes from rank 0's model and optimizer state and "
+                   "its per-rank state (residuals, local progress) is reset.")
+        if all_ranks:
+            warnings.warn(message, stacklevel=2)
+        else:
+            rank_zero_warn(message)
+        return {}

@@ -27,7 +27,8 @@ class CompressedDDPStrategy(OptxDDPStrategy):
     after, so error-feedback residuals live in unscaled units; a step with inf/NaN gradients on any rank is
     averaged uncompressed and leaves the compressor state untouched (the grad scaler then skips it).
 
-    Error-feedback residuals differ per rank; checkpoints store every rank's (gathered to rank 0).
+    Error-feedback residuals differ per rank; each rank writes its own into its checkpoint file (nothing is
+    gathered, see :mod:`lightning_optx.checkpointing`).
 
     Args:
         compressor: a :class:`~lightning_optx.compression.Compressor` or one of ``"powersgd"``, ``"topk"``,

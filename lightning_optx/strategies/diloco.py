@@ -85,9 +85,16 @@ class DiLoCoStrategy(OptxDDPStrategy):
     ``||m - C(m)|| / ||m||`` (averaged across ranks) halves the PowerSGD rank / top-k density when it is
     below 0.2 and doubles it above 0.6, within ``compression_bounds``; logged as ``diloco/compression_level``.
 
+    **Memory.** Without overlap the outer step runs in buckets of ``outer_bucket_bytes`` fp32 bytes (a class
+    attribute, 32 MiB as in torchft; :func:`~lightning_optx.functional.diloco.bucketed_outer_step_`), so the
+    accelerator holds the model, the inner optimizer state and one bucket of pseudo-gradient, never a
+    second copy of the model (with ``adaptive_compression`` the whole fragment's pseudo-gradient is built,
+    since the compression error is measured over it). With overlap it also holds, per fragment, the round's
+    start point (one copy of the fragment in the parameters' dtype) and the in-flight fp32 average.
+
     Checkpoints hold the global parameters, outer-optimizer state, sync schedule, any in-flight average
-    (completed first) and, gathered from every rank, the local parameters, inner optimizer state, overlap
-    start points and compressor residuals: a resumed run continues bit for bit.
+    (completed first) and, written by every rank to its own file, the local parameters, inner optimizer
+    state, overlap start points and compressor residuals: a resumed run continues bit for bit.
 
     At the end of ``fit`` each rank's local parameters include its progress since its last sync; the
     consensus is ``strategy.global_state_dict()``. Set ``max_steps`` to a multiple of ``inner_steps`` (without
@@ -115,6 +122,7 @@ class DiLoCoStrategy(OptxDDPStrategy):
     """
 
     strategy_name = "diloco"
+    outer_bucket_bytes: int = D.DEFAULT_BUCKET_BYTES
 
     def __init__(
         self,
@@ -203,12 +211,27 @@ class DiLoCoStrategy(OptxDDPStrategy):
         with torch.no_grad():
             if self.overlap:
                 self._sync_overlapped(frag, index)
-            else:
+            elif self.adaptive_compression:  # the adaptation measures the error over the whole fragment
                 delta = [g.to(p.device) - p.float() for g, p in zip(frag.global_params, frag.params)]
                 averaged = self._average(delta, frag, self.comm)
                 self._outer_step(frag, averaged)
                 for p, g in zip(frag.params, frag.global_params):
                     p.copy_(g.to(p.device, p.dtype))
+            else:
+                self._bucketed_outer_step(frag)
+
+    def _bucketed_outer_step(self, frag: _Fragment) -> None:
+        """Average and apply the pseudo-gradients bucket by bucket (``outer_bucket_bytes`` of fp32 at a time)."""
+
+        def average_(flat: Tensor, views: list[Tensor], indices: list[int]) -> None:
+            if self.compressor is None:
+                self.comm.all_reduce_(flat, op="mean", tag="pseudo_grad")
+            else:
+                self.compressor.reduce_(views, [frag.names[i] for i in indices], self.comm, tag="pseudo_grad")
+
+        D.bucketed_outer_step_(frag.params, frag.global_params, frag.outer, average_, self.outer_bucket_bytes)
+        if self.compressor is not None:
+            self.compressor.end_iteration()
 
     def _sync_overlapped(self, frag: _Fragment, index: int) -> None:
         assert frag.start is not None

@@ -144,27 +144,25 @@ def test_one_inner_step_with_plain_sgd_is_ddp():
         torch.testing.assert_close(diloco[0].params[n], p, rtol=1e-5, atol=1e-6)
 
 
-class RecordingDiLoCo(DiLoCoStrategy):
-    """Keeps every round's true mean pseudo-gradient input and the averaged one the outer step applied."""
+class RecordingSign(Sign):
+    """Keeps every round's pseudo-gradient input and the averaged one the outer step applies."""
 
-    def _average(self, tensors, frag, comm):
+    def reduce_(self, tensors, keys, comm, tag="grad"):
         self.inputs = [*getattr(self, "inputs", []), [t.clone() for t in tensors]]
-        return super()._average(tensors, frag, comm)
-
-    def _outer_step(self, frag, averaged):
-        self.applied = [*getattr(self, "applied", []), [a.clone() for a in averaged]]
-        super()._outer_step(frag, averaged)
+        super().reduce_(tensors, keys, comm, tag)
+        self.applied = [*getattr(self, "applied", []), [t.clone() for t in tensors]]
 
 
 def conservation_facts(trainer, module):
-    s = trainer.strategy
-    return {"inputs": s.inputs, "applied": s.applied, "residuals": dict(s.compressor.residuals),
-            "names": s._fragments[0].names}
+    c = trainer.strategy.compressor
+    return {"inputs": c.inputs, "applied": c.applied, "residuals": dict(c.residuals),
+            "server_residuals": dict(c.server_residuals), "names": trainer.strategy._fragments[0].names}
 
 
 def test_compressed_pseudo_gradients_conserve_their_sum_with_error_feedback():
-    strategy = RecordingDiLoCo(inner_steps=2, outer_optimizer="sgd", outer_lr=1.0, outer_momentum=0.0,
-                               compressor=Sign(error_feedback=True))
+    """applied + mean worker residual + server residual (chunk r on rank r) == the sum of the true means."""
+    strategy = DiLoCoStrategy(inner_steps=2, outer_optimizer="sgd", outer_lr=1.0, outer_momentum=0.0,
+                              compressor=RecordingSign(error_feedback=True))
     ranks = run_job(TrainJob(module=plain_sgd(), strategy=strategy, inspect=conservation_facts,
                              trainer_kwargs={"max_epochs": 2}), 2)
     names = ranks[0].inspected["names"]
@@ -173,6 +171,9 @@ def test_compressed_pseudo_gradients_conserve_their_sum_with_error_feedback():
         true_sum = sum(sum(r.inspected["inputs"][k][i] for r in ranks) / 2 for k in rounds)
         applied = sum(a[i] for a in ranks[0].inspected["applied"])
         residual = sum(r.inspected["residuals"].get(name, torch.zeros_like(applied)) for r in ranks) / 2
+        if name in ranks[0].inspected["server_residuals"]:
+            server = torch.cat([r.inspected["server_residuals"][name] for r in ranks])
+            residual = residual + server[:applied.numel()].view_as(applied)
         torch.testing.assert_close(applied + residual, true_sum, rtol=1e-4, atol=1e-5, msg=name)
     assert_ranks_identical(ranks)  # 16 steps = a multiple of inner_steps: every rank ends at the global params
 
