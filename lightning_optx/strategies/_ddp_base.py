@@ -15,6 +15,7 @@ rank 0's state for every rank, with a warning, and drops per-rank residuals.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -23,12 +24,14 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.nn import Parameter
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from lightning_optx.distributed import Communicator
+from lightning_optx.distributed import Communicator, strict_collectives
 
 CHECKPOINT_KEY = "lightning_optx"
 
@@ -59,6 +62,23 @@ _local_or_allreduce_hook.__annotations__ = {
     "bucket": dist.GradBucket,
     "return": torch.futures.Future[Tensor],
 }
+
+
+def local_ddp_kwargs(kwargs: dict[str, Any], owner: str) -> dict[str, Any]:
+    """DDP options for a strategy whose ranks hold different replicas between syncs: no buffer broadcast.
+
+    DDP's ``broadcast_buffers=True`` broadcasts rank 0's buffers before every forward: a collective outside
+    the ledger that overwrites every other rank's BatchNorm statistics. Local strategies average buffers at
+    their syncs instead.
+    """
+    for name in ("broadcast_buffers", "forward_sync_buffers"):
+        if kwargs.get(name, False):
+            raise ValueError(f"{owner} averages buffers at its syncs and cannot broadcast rank 0's buffers before "
+                             f"every forward: got {name}={kwargs[name]!r}, allowed: False.")
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("broadcast_buffers", "forward_sync_buffers")}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {**kwargs, "forward_sync_buffers": False}  # torch >= 2.12: buffers still synced once, at the wrap
+    return {**kwargs, "broadcast_buffers": False}
 
 
 def to_cpu(tree: Any) -> Any:
@@ -100,6 +120,11 @@ class OptxDDPStrategy(DDPStrategy):
 
     def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)
+        self.comm.device = self.root_device
+        if trainer.state.fn != TrainerFn.FITTING:
+            # validate / test / predict: no optimizer, no schedule; the module holds the weights to evaluate
+            self._pending_shared_state = self._pending_rank_state = None
+            return
         self._check_supported(trainer)
         self._build_state()
         self._fp32_grad_bytes = sum(p.numel() * 4 for p in self._trainable_params())
@@ -157,7 +182,8 @@ class OptxDDPStrategy(DDPStrategy):
         # Counted per call, not per applied update: an AMP step the scaler skips on one rank must not
         # shift that rank's synchronisation schedule.
         self.optimizer_steps += 1
-        self._after_optimizer_step()
+        with self._collective_scope():
+            self._after_optimizer_step()
         self._hook_state.allreduce = self._hook_allreduces()
         self._log_communication()
         return output
@@ -174,6 +200,8 @@ class OptxDDPStrategy(DDPStrategy):
             "comm/bytes_per_step": float(step_bytes),
             "comm/bytes_total": float(ledger.total_bytes),
             "comm/compression_ratio": float(ratio) if self.comm.active else 1.0,
+            "comm/intra_node_bytes": float(ledger.intra_node_bytes),
+            "comm/inter_node_bytes": float(ledger.inter_node_bytes),
             **self._extra_metrics(),
         }
         for name, value in metrics.items():
@@ -181,6 +209,59 @@ class OptxDDPStrategy(DDPStrategy):
 
     def _extra_metrics(self) -> dict[str, float]:
         return {}
+
+    def _collective_scope(self) -> Any:
+        """The block in which the strategy prepares and issues collectives (strict device checks, see
+        :func:`~lightning_optx.distributed.strict_collectives`)."""
+        return strict_collectives(self.comm.check_devices)
+
+    # ------------------------------------------------------------------ end of fit and evaluation
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        with self._collective_scope(), torch.no_grad():
+            self._final_sync()
+
+    def _final_sync(self) -> None:
+        """Bring every rank to the consensus parameters when fit ends, wherever in a round it stops."""
+
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        module = self.lightning_module
+        fitting = module is not None and module._trainer is not None and module.trainer.state.fn == TrainerFn.FITTING
+        if fitting and getattr(self, "validate_on", "local") == "consensus":
+            with self._collective_scope(), torch.no_grad():
+                self._swap_in_consensus()
+
+    def on_validation_end(self) -> None:
+        self._restore_local()
+        super().on_validation_end()
+
+    def _swap_in_consensus(self) -> None:
+        """Replace this rank's local replica by the consensus for a validation run (see ``validate_on``)."""
+
+    def _keep_local(self, names: list[str]) -> None:
+        """Remember the local values of these ``state_dict`` entries before they are overwritten."""
+        assert self.lightning_module is not None
+        state = self.lightning_module.state_dict(keep_vars=True)
+        self._local_backup = {n: state[n].detach().clone() for n in names}
+
+    def _restore_local(self) -> None:
+        backup = getattr(self, "_local_backup", None)
+        if not backup:
+            return
+        assert self.lightning_module is not None
+        state = self.lightning_module.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for name, value in backup.items():
+                state[name].detach().copy_(value)
+        self._local_backup = {}
+
+    def _local_module_state(self) -> dict[str, Any]:
+        """The module's ``state_dict`` with this rank's local values, also while a consensus is swapped in."""
+        assert self.lightning_module is not None
+        backup = getattr(self, "_local_backup", None) or {}
+        return {n: backup.get(n, v) for n, v in self.lightning_module.state_dict().items()}
 
     # ------------------------------------------------------------------ helpers for subclasses
 

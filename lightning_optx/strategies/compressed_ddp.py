@@ -77,7 +77,8 @@ class CompressedDDPStrategy(OptxDDPStrategy):
         super().post_backward(closure_loss)
         model = self.model
         if model is not None and getattr(model, "require_backward_grad_sync", True):
-            self._sync_gradients()
+            with self._collective_scope():
+                self._sync_gradients()
 
     def _sync_gradients(self) -> None:
         named = list(self._named_trainable_params())

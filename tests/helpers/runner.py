@@ -147,6 +147,8 @@ def _set_rank_env(rank: int, world_size: int, port: int) -> None:
         RANK=str(rank),
         LOCAL_RANK=str(rank),
         NODE_RANK="0",
+        # every collective of ours checks its tensors' device as NCCL would (see distributed.strict_collectives)
+        LIGHTNING_OPTX_STRICT_COLLECTIVES="1",
     )
     torch.set_num_threads(1)
 
