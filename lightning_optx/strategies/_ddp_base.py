@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -31,7 +31,7 @@ from torch.nn import Parameter
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from lightning_optx.distributed import Communicator, strict_collectives
+from lightning_optx.distributed import Communicator, LinkClass, strict_collectives
 
 CHECKPOINT_KEY = "lightning_optx"
 
@@ -62,6 +62,18 @@ _local_or_allreduce_hook.__annotations__ = {
     "bucket": dist.GradBucket,
     "return": torch.futures.Future[Tensor],
 }
+
+
+def link_class(ranks: Iterable[int], processes_per_node: int) -> LinkClass:
+    """``"intra_node"`` if every rank in ``ranks`` sits on one node (global rank // processes per node)."""
+    return "intra_node" if len({r // processes_per_node for r in ranks}) <= 1 else "inter_node"
+
+
+def check_replica_size(replica_size: int | None) -> None:
+    if replica_size is not None and (isinstance(replica_size, bool) or not isinstance(replica_size, int)
+                                     or replica_size < 1):
+        raise ValueError(f"`replica_size` must be None (one replica per node) or an integer >= 1, got "
+                         f"replica_size={replica_size!r}.")
 
 
 def local_ddp_kwargs(kwargs: dict[str, Any], owner: str) -> dict[str, Any]:
@@ -101,9 +113,19 @@ class OptxDDPStrategy(DDPStrategy):
 
     strategy_name: ClassVar[str] = "optx_ddp"
 
+    # processes per replica: 1 (every process its own replica), None (the devices of one node when
+    # num_nodes > 1, else 1); strategies with node replicas take it as an argument
+    _replica_size_arg: int | None = 1
+    # whether DDP itself runs on the replica group (gradients all-reduced inside a replica every step)
+    _ddp_on_replicas: ClassVar[bool] = True
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.comm = Communicator()
+        self.comm = Communicator()  # syncs: across replicas (the whole world with one process per replica)
+        self.world_comm = self.comm  # every rank
+        self.replica_comm: Communicator | None = None  # inside this rank's replica (None: one process each)
+        self.replica_size = 1
+        self._cross_rank_lists: list[list[int]] = []
         self._hook_state = _HookState(self.comm)
         self.optimizer_steps = 0
         self._fp32_grad_bytes = 0
@@ -116,16 +138,79 @@ class OptxDDPStrategy(DDPStrategy):
         # Lightning registers comm hooks on CUDA only; ours is needed on every device (CPU/gloo too).
         assert self.model is not None
         self.model.register_comm_hook(self._hook_state, _local_or_allreduce_hook)  # type: ignore[operator]
+        self._update_hook()
+
+    def _update_hook(self) -> None:
+        self._hook_state.comm = self._hook_comm()
         self._hook_state.allreduce = self._hook_allreduces()
 
+    def setup_distributed(self) -> None:
+        super().setup_distributed()
+        self._build_groups()
+
+    def _build_groups(self) -> None:
+        """Process groups for replicas of ``replica_size`` consecutive ranks (one node each by default).
+
+        ``replica_comm`` holds the ranks of this rank's replica; ``comm`` the ranks with the same index in
+        every replica (rank ``i``, ``i + R``, ``i + 2R``, ...). Inside a replica DDP keeps the ranks identical, so
+        the ``R`` groups of equal index carry the same averages in parallel, each over its own links, rather
+        than funnelling through one leader per replica (which would need an extra broadcast inside every
+        replica after each sync).
+        """
+        world, per_node = self.world_size, max(1, self.num_processes)
+        self.world_comm.link = link_class(range(world), per_node)
+        size = self._resolve_replica_size()
+        self.replica_size = size
+        self._cross_rank_lists = [list(range(i, world, size)) for i in range(size)]
+        if size == 1 or world == 1:
+            return
+        rank = self.global_rank
+        for start in range(0, world, size):
+            ranks = list(range(start, start + size))
+            group = dist.new_group(ranks)  # every rank creates every group, in the same order
+            if rank in ranks:
+                self.replica_comm = Communicator(group, self.world_comm.ledger, link=link_class(ranks, per_node))
+        for ranks in self._cross_rank_lists:
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                self.comm = Communicator(group, self.world_comm.ledger, link=link_class(ranks, per_node))
+
+    def _resolve_replica_size(self) -> int:
+        arg = self._replica_size_arg
+        size = arg if arg is not None else (max(1, self.num_processes) if self.num_nodes > 1 else 1)
+        if self.world_size % size:
+            raise ValueError(f"`replica_size` must divide the world size ({self.world_size} processes), got "
+                             f"replica_size={size}.")
+        return size
+
+    def _comms(self) -> list[Communicator]:
+        comms = [self.world_comm, self.comm]
+        return comms + ([self.replica_comm] if self.replica_comm is not None else [])
+
+    def _align_replicas(self) -> None:
+        """Start every replica from replica 0's weights (DDP on a replica group only aligns inside it)."""
+        if self.replica_comm is None or not self._ddp_on_replicas or not self.comm.active:
+            return
+        if self._pending_rank_state is not None:
+            return  # resuming: every rank's own weights come from the checkpoint
+        assert self.lightning_module is not None
+        src = dist.get_global_rank(self.comm.group, 0)
+        with torch.no_grad():
+            for t in [*self.lightning_module.parameters(), *self.lightning_module.buffers()]:
+                self.comm.broadcast_(t.data, src=src, tag="init")
+
     def setup(self, trainer: pl.Trainer) -> None:
+        if self.replica_comm is not None and self._ddp_on_replicas:
+            self._ddp_kwargs["process_group"] = self.replica_comm.group
         super().setup(trainer)
-        self.comm.device = self.root_device
+        for comm in self._comms():
+            comm.device = self.root_device
         if trainer.state.fn != TrainerFn.FITTING:
             # validate / test / predict: no optimizer, no schedule; the module holds the weights to evaluate
             self._pending_shared_state = self._pending_rank_state = None
             return
         self._check_supported(trainer)
+        self._align_replicas()
         self._build_state()
         self._fp32_grad_bytes = sum(p.numel() * 4 for p in self._trainable_params())
         if self._pending_shared_state is not None:
@@ -139,7 +224,7 @@ class OptxDDPStrategy(DDPStrategy):
                 self.lightning_module.load_state_dict(module_state)
             self._load_rank_state(self._pending_rank_state)
             self._pending_rank_state = None
-        self._hook_state.allreduce = self._hook_allreduces()
+        self._update_hook()
 
     def _check_supported(self, trainer: pl.Trainer) -> None:
         """Raise a clear error for combinations the strategy cannot honour."""
@@ -152,6 +237,10 @@ class OptxDDPStrategy(DDPStrategy):
     def _hook_allreduces(self) -> bool:
         """Whether DDP's comm hook averages gradients now (plain DDP) or leaves them local."""
         return True
+
+    def _hook_comm(self) -> Communicator:
+        """The group DDP's comm hook averages gradients over when it does."""
+        return self.world_comm
 
     def _after_optimizer_step(self) -> None:
         """Runs on every rank after each optimizer step (synchronisation decisions live here)."""
@@ -177,14 +266,15 @@ class OptxDDPStrategy(DDPStrategy):
         model: pl.LightningModule | torch.nn.Module | None = None,
         **kwargs: Any,
     ) -> Any:
-        self.comm.step = self.optimizer_steps
+        for comm in self._comms():
+            comm.step = self.optimizer_steps
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
         # Counted per call, not per applied update: an AMP step the scaler skips on one rank must not
         # shift that rank's synchronisation schedule.
         self.optimizer_steps += 1
         with self._collective_scope():
             self._after_optimizer_step()
-        self._hook_state.allreduce = self._hook_allreduces()
+        self._update_hook()
         self._log_communication()
         return output
 

@@ -16,7 +16,7 @@ from torch.nn import Parameter
 from lightning_optx.compression import COMPRESSORS, Compressor, get_compressor
 from lightning_optx.distributed import Communicator, all_reduce_mean_coalesced_, strict_collectives
 from lightning_optx.functional import diloco as D
-from lightning_optx.strategies._ddp_base import OptxDDPStrategy, local_ddp_kwargs
+from lightning_optx.strategies._ddp_base import OptxDDPStrategy, check_replica_size, local_ddp_kwargs
 
 VALIDATE_ON = ("local", "consensus")
 
@@ -122,6 +122,9 @@ class DiLoCoStrategy(OptxDDPStrategy):
         average_buffers: average floating-point buffers across ranks at every sync.
         validate_on: ``"local"`` (this rank's replica) or ``"consensus"`` (the global parameters) for
             validation during fit.
+        replica_size: processes per replica; ``None`` (default): the devices of one node when ``num_nodes > 1``,
+            else 1. Inside a replica gradients are all-reduced every step (DDP on the replica's group); outer
+            steps average pseudo-gradients across replicas. Must divide the world size.
         **kwargs: passed to Lightning's ``DDPStrategy``.
 
     Examples:
@@ -147,9 +150,11 @@ class DiLoCoStrategy(OptxDDPStrategy):
         compression_bounds: tuple[float, float] | None = None,
         average_buffers: bool = True,
         validate_on: Literal["local", "consensus"] = "local",
+        replica_size: int | None = None,
         **kwargs: Any,
     ) -> None:
         D.check_diloco_args(inner_steps, outer_optimizer, outer_lr, outer_momentum, fragments)
+        check_replica_size(replica_size)
         if validate_on not in VALIDATE_ON:
             raise ValueError(f"`validate_on` must be one of {VALIDATE_ON}, got validate_on={validate_on!r}.")
         self.compressor = _build_compressor(compressor, error_feedback, compressor_options)
@@ -160,6 +165,7 @@ class DiLoCoStrategy(OptxDDPStrategy):
         super().__init__(**local_ddp_kwargs(kwargs, "DiLoCoStrategy"))
         self.average_buffers = average_buffers
         self.validate_on = validate_on
+        self._replica_size_arg = replica_size
         self.inner_steps = inner_steps
         self.outer_optimizer = outer_optimizer
         self.outer_lr = float(outer_lr)
@@ -190,9 +196,12 @@ class DiLoCoStrategy(OptxDDPStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)
         if self.overlap and self.comm.active and self._overlap_comm is None:
-            # A dedicated group, so background averages never interleave with the main thread's collectives.
-            group = dist.new_group(backend=dist.get_backend())
-            self._overlap_comm = Communicator(group, ledger=self.comm.ledger, overlapped=True)
+            # Dedicated groups, so background averages never interleave with the main thread's collectives.
+            for ranks in self._cross_rank_lists:
+                group = dist.new_group(ranks, backend=dist.get_backend())
+                if self.global_rank in ranks:
+                    self._overlap_comm = Communicator(group, ledger=self.comm.ledger, overlapped=True,
+                                                      link=self.comm.link, device=self.root_device)
 
     def _build_fragments(self) -> None:
         named = list(self._named_trainable_params())
@@ -210,7 +219,13 @@ class DiLoCoStrategy(OptxDDPStrategy):
             ))
 
     def _hook_allreduces(self) -> bool:
-        return False
+        return self.replica_comm is not None
+
+    def _hook_comm(self) -> Communicator:
+        return self.replica_comm if self.replica_comm is not None else self.world_comm
+
+    def _comms(self) -> list[Communicator]:
+        return super()._comms() + ([self._overlap_comm] if self._overlap_comm is not None else [])
 
     # ------------------------------------------------------------------ syncing
 
@@ -229,8 +244,8 @@ class DiLoCoStrategy(OptxDDPStrategy):
             return
         assert self.lightning_module is not None
         buffers = [b for b in self.lightning_module.buffers() if b.is_floating_point()]
-        with torch.no_grad():
-            all_reduce_mean_coalesced_(buffers, self.comm, tag="buffers")
+        with torch.no_grad():  # DDP leaves buffers local to every rank, inside a replica too: average over all
+            all_reduce_mean_coalesced_(buffers, self.world_comm, tag="buffers")
 
     def _sync(self, frag: _Fragment, index: int) -> None:
         self.rounds += 1

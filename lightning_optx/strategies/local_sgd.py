@@ -9,9 +9,9 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
-from lightning_optx.distributed import all_reduce_mean_coalesced_
+from lightning_optx.distributed import Communicator, all_reduce_mean_coalesced_
 from lightning_optx.functional.local_sgd import check_period_args, qsr_period
-from lightning_optx.strategies._ddp_base import OptxDDPStrategy, local_ddp_kwargs
+from lightning_optx.strategies._ddp_base import OptxDDPStrategy, check_replica_size, local_ddp_kwargs
 
 VALIDATE_ON = ("local", "consensus")
 
@@ -51,6 +51,9 @@ class LocalSGDStrategy(OptxDDPStrategy):
         average_buffers: also average floating-point buffers (BatchNorm statistics) at each sync.
         average_optimizer_state: also average the optimizer's floating-point state (momentum, Adam moments).
         validate_on: ``"local"`` (this rank's replica) or ``"consensus"`` (the average) for validation during fit.
+        replica_size: processes per replica; ``None`` (default): the devices of one node when ``num_nodes > 1``,
+            else 1. Inside a replica gradients are all-reduced every step (DDP on the replica's group); the
+            periodic averaging runs across replicas. Must divide the world size.
         **kwargs: passed to Lightning's ``DDPStrategy`` (e.g. ``find_unused_parameters``).
 
     Examples:
@@ -72,13 +75,16 @@ class LocalSGDStrategy(OptxDDPStrategy):
         average_buffers: bool = True,
         average_optimizer_state: bool = False,
         validate_on: Literal["local", "consensus"] = "local",
+        replica_size: int | None = None,
         **kwargs: Any,
     ) -> None:
         check_period_args(period, warmup_steps, qsr_alpha, min_period)
+        check_replica_size(replica_size)
         if validate_on not in VALIDATE_ON:
             raise ValueError(f"`validate_on` must be one of {VALIDATE_ON}, got validate_on={validate_on!r}.")
         super().__init__(**local_ddp_kwargs(kwargs, "LocalSGDStrategy"))
         self.validate_on = validate_on
+        self._replica_size_arg = replica_size
         self.period = period
         self.warmup_steps = warmup_steps
         self.qsr_alpha = qsr_alpha
@@ -102,7 +108,10 @@ class LocalSGDStrategy(OptxDDPStrategy):
         return self.optimizer_steps < self.warmup_steps
 
     def _hook_allreduces(self) -> bool:
-        return self.in_warmup
+        return self.in_warmup or self.replica_comm is not None
+
+    def _hook_comm(self) -> Communicator:
+        return self.world_comm if self.in_warmup or self.replica_comm is None else self.replica_comm
 
     def _after_optimizer_step(self) -> None:
         if self.optimizer_steps <= self.warmup_steps:
@@ -117,20 +126,31 @@ class LocalSGDStrategy(OptxDDPStrategy):
             lr = float(self.optimizers[0].param_groups[0]["lr"])
             self.current_period = qsr_period(lr, self.qsr_alpha, self.min_period)
 
-    def _averaged_entries(self) -> list[tuple[str, Tensor]]:
-        """The module's tensors a sync averages, by ``state_dict`` name: parameters, floating buffers by option."""
+    def _param_entries(self) -> list[tuple[str, Tensor]]:
         assert self.lightning_module is not None
-        entries = [(n, p.data) for n, p in self.lightning_module.named_parameters()]
-        if self.average_buffers:
-            entries += [(n, b) for n, b in self.lightning_module.named_buffers() if b.is_floating_point()]
-        return entries
+        return [(n, p.data) for n, p in self.lightning_module.named_parameters()]
+
+    def _buffer_entries(self) -> list[tuple[str, Tensor]]:
+        assert self.lightning_module is not None
+        if not self.average_buffers:
+            return []
+        return [(n, b) for n, b in self.lightning_module.named_buffers() if b.is_floating_point()]
 
     def _average(self) -> None:
-        tensors = [t for _, t in self._averaged_entries()]
+        tensors = [t for _, t in self._param_entries()]
         if self.average_optimizer_state:
             tensors += _floating_optimizer_state(self.optimizers[0])
+        self._average_across_replicas(tensors, [t for _, t in self._buffer_entries()], tag="params")
+
+    def _average_across_replicas(self, same_in_replica: list[Tensor], buffers: list[Tensor], tag: str) -> None:
+        """Average parameters (identical inside a replica) across replicas, buffers (which DDP leaves local to
+        every rank) across all ranks; one coalesced all-reduce when every process is its own replica."""
         with torch.no_grad():
-            all_reduce_mean_coalesced_(tensors, self.comm, tag="params")
+            if self.comm is self.world_comm:
+                all_reduce_mean_coalesced_(same_in_replica + buffers, self.comm, tag=tag)
+                return
+            all_reduce_mean_coalesced_(same_in_replica, self.comm, tag=tag)
+            all_reduce_mean_coalesced_(buffers, self.world_comm, tag="buffers")
 
     @property
     def _ranks_in_step(self) -> bool:
@@ -146,9 +166,9 @@ class LocalSGDStrategy(OptxDDPStrategy):
     def _swap_in_consensus(self) -> None:
         if self._ranks_in_step:
             return
-        entries = self._averaged_entries()
-        self._keep_local([n for n, _ in entries])
-        all_reduce_mean_coalesced_([t for _, t in entries], self.comm, tag="consensus")
+        params, buffers = self._param_entries(), self._buffer_entries()
+        self._keep_local([n for n, _ in params + buffers])
+        self._average_across_replicas([t for _, t in params], [t for _, t in buffers], tag="consensus")
 
     def _extra_metrics(self) -> dict[str, float]:
         return {"local_sgd/period": float(self.current_period)}
