@@ -279,7 +279,7 @@ class PowerSGD(Compressor):
         generator = torch.Generator(device="cpu")
         generator.manual_seed(int(self._rng.randint(_SEED_BOUND)))
         for q in fresh:
-            q.copy_(torch.randn(*q.shape, generator=generator, dtype=torch.float32))
+            q.copy_(torch.randn(*q.shape, generator=generator, dtype=torch.float32, device="cpu"))  # host RNG
             orthogonalize_(q, self.orthogonalization_epsilon)
 
     # ------------------------------------------------------------------ checkpointing

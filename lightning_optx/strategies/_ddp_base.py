@@ -16,8 +16,9 @@ per-rank residuals.
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -25,13 +26,15 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.nn import Parameter
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from lightning_optx.checkpointing import PerRankState, rank_file
-from lightning_optx.distributed import Communicator, wire_bytes
+from lightning_optx.distributed import Communicator, LinkClass, strict_collectives, wire_bytes
 
 CHECKPOINT_KEY = "lightning_optx"
 
@@ -64,6 +67,35 @@ _local_or_allreduce_hook.__annotations__ = {
 }
 
 
+def link_class(ranks: Iterable[int], processes_per_node: int) -> LinkClass:
+    """``"intra_node"`` if every rank in ``ranks`` sits on one node (global rank // processes per node)."""
+    return "intra_node" if len({r // processes_per_node for r in ranks}) <= 1 else "inter_node"
+
+
+def check_replica_size(replica_size: int | None) -> None:
+    if replica_size is not None and (isinstance(replica_size, bool) or not isinstance(replica_size, int)
+                                     or replica_size < 1):
+        raise ValueError(f"`replica_size` must be None (one replica per node) or an integer >= 1, got "
+                         f"replica_size={replica_size!r}.")
+
+
+def local_ddp_kwargs(kwargs: dict[str, Any], owner: str) -> dict[str, Any]:
+    """DDP options for a strategy whose ranks hold different replicas between syncs: no buffer broadcast.
+
+    DDP's ``broadcast_buffers=True`` broadcasts rank 0's buffers before every forward: a collective outside
+    the ledger that overwrites every other rank's BatchNorm statistics. Local strategies average buffers at
+    their syncs instead.
+    """
+    for name in ("broadcast_buffers", "forward_sync_buffers"):
+        if kwargs.get(name, False):
+            raise ValueError(f"{owner} averages buffers at its syncs and cannot broadcast rank 0's buffers before "
+                             f"every forward: got {name}={kwargs[name]!r}, allowed: False.")
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("broadcast_buffers", "forward_sync_buffers")}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {**kwargs, "forward_sync_buffers": False}  # torch >= 2.12: buffers still synced once, at the wrap
+    return {**kwargs, "broadcast_buffers": False}
+
+
 def to_cpu(tree: Any) -> Any:
     """A deep copy of a nested state with every tensor moved to the CPU (for pickling across ranks)."""
     if isinstance(tree, Tensor):
@@ -84,9 +116,19 @@ class OptxDDPStrategy(DDPStrategy):
 
     strategy_name: ClassVar[str] = "optx_ddp"
 
+    # processes per replica: 1 (every process its own replica), None (the devices of one node when
+    # num_nodes > 1, else 1); strategies with node replicas take it as an argument
+    _replica_size_arg: int | None = 1
+    # whether DDP itself runs on the replica group (gradients all-reduced inside a replica every step)
+    _ddp_on_replicas: ClassVar[bool] = True
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.comm = Communicator()
+        self.comm = Communicator()  # syncs: across replicas (the whole world with one process per replica)
+        self.world_comm = self.comm  # every rank
+        self.replica_comm: Communicator | None = None  # inside this rank's replica (None: one process each)
+        self.replica_size = 1
+        self._cross_rank_lists: list[list[int]] = []
         self._hook_state = _HookState(self.comm)
         self.optimizer_steps = 0
         self._fp32_grad_bytes = 0
@@ -100,11 +142,79 @@ class OptxDDPStrategy(DDPStrategy):
         # Lightning registers comm hooks on CUDA only; ours is needed on every device (CPU/gloo too).
         assert self.model is not None
         self.model.register_comm_hook(self._hook_state, _local_or_allreduce_hook)  # type: ignore[operator]
+        self._update_hook()
+
+    def _update_hook(self) -> None:
+        self._hook_state.comm = self._hook_comm()
         self._hook_state.allreduce = self._hook_allreduces()
 
+    def setup_distributed(self) -> None:
+        super().setup_distributed()
+        self._build_groups()
+
+    def _build_groups(self) -> None:
+        """Process groups for replicas of ``replica_size`` consecutive ranks (one node each by default).
+
+        ``replica_comm`` holds the ranks of this rank's replica; ``comm`` the ranks with the same index in
+        every replica (rank ``i``, ``i + R``, ``i + 2R``, ...). Inside a replica DDP keeps the ranks identical, so
+        the ``R`` groups of equal index carry the same averages in parallel, each over its own links, rather
+        than funnelling through one leader per replica (which would need an extra broadcast inside every
+        replica after each sync).
+        """
+        world, per_node = self.world_size, max(1, self.num_processes)
+        self.world_comm.link = link_class(range(world), per_node)
+        size = self._resolve_replica_size()
+        self.replica_size = size
+        self._cross_rank_lists = [list(range(i, world, size)) for i in range(size)]
+        if size == 1 or world == 1:
+            return
+        rank = self.global_rank
+        for start in range(0, world, size):
+            ranks = list(range(start, start + size))
+            group = dist.new_group(ranks)  # every rank creates every group, in the same order
+            if rank in ranks:
+                self.replica_comm = Communicator(group, self.world_comm.ledger, link=link_class(ranks, per_node))
+        for ranks in self._cross_rank_lists:
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                self.comm = Communicator(group, self.world_comm.ledger, link=link_class(ranks, per_node))
+
+    def _resolve_replica_size(self) -> int:
+        arg = self._replica_size_arg
+        size = arg if arg is not None else (max(1, self.num_processes) if self.num_nodes > 1 else 1)
+        if self.world_size % size:
+            raise ValueError(f"`replica_size` must divide the world size ({self.world_size} processes), got "
+                             f"replica_size={size}.")
+        return size
+
+    def _comms(self) -> list[Communicator]:
+        comms = [self.world_comm, self.comm]
+        return comms + ([self.replica_comm] if self.replica_comm is not None else [])
+
+    def _align_replicas(self) -> None:
+        """Start every replica from replica 0's weights (DDP on a replica group only aligns inside it)."""
+        if self.replica_comm is None or not self._ddp_on_replicas or not self.comm.active:
+            return
+        if self._pending_rank_state is not None:
+            return  # resuming: every rank's own weights come from the checkpoint
+        assert self.lightning_module is not None
+        src = dist.get_global_rank(self.comm.group, 0)
+        with torch.no_grad():
+            for t in [*self.lightning_module.parameters(), *self.lightning_module.buffers()]:
+                self.comm.broadcast_(t.data, src=src, tag="init")
+
     def setup(self, trainer: pl.Trainer) -> None:
+        if self.replica_comm is not None and self._ddp_on_replicas:
+            self._ddp_kwargs["process_group"] = self.replica_comm.group
         super().setup(trainer)
+        for comm in self._comms():
+            comm.device = self.root_device
+        if trainer.state.fn != TrainerFn.FITTING:
+            # validate / test / predict: no optimizer, no schedule; the module holds the weights to evaluate
+            self._pending_shared_state = self._pending_rank_state = None
+            return
         self._check_supported(trainer)
+        self._align_replicas()
         self._build_state()
         self._fp32_grad_bytes = sum(p.numel() * 4 for p in self._trainable_params())
         if self._pending_shared_state is not None:
@@ -119,7 +229,7 @@ class OptxDDPStrategy(DDPStrategy):
             self._load_rank_state(self._pending_rank_state)
             self._pending_rank_state = None
         self.per_rank_state.restore()
-        self._hook_state.allreduce = self._hook_allreduces()
+        self._update_hook()
 
     def _check_supported(self, trainer: pl.Trainer) -> None:
         """Raise a clear error for combinations the strategy cannot honour."""
@@ -132,6 +242,10 @@ class OptxDDPStrategy(DDPStrategy):
     def _hook_allreduces(self) -> bool:
         """Whether DDP's comm hook averages gradients now (plain DDP) or leaves them local."""
         return True
+
+    def _hook_comm(self) -> Communicator:
+        """The group DDP's comm hook averages gradients over when it does."""
+        return self.world_comm
 
     def _after_optimizer_step(self) -> None:
         """Runs on every rank after each optimizer step (synchronisation decisions live here)."""
@@ -157,13 +271,15 @@ class OptxDDPStrategy(DDPStrategy):
         model: pl.LightningModule | torch.nn.Module | None = None,
         **kwargs: Any,
     ) -> Any:
-        self.comm.step = self.optimizer_steps
+        for comm in self._comms():
+            comm.step = self.optimizer_steps
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
         # Counted per call, not per applied update: an AMP step the scaler skips on one rank must not
         # shift that rank's synchronisation schedule.
         self.optimizer_steps += 1
-        self._after_optimizer_step()
-        self._hook_state.allreduce = self._hook_allreduces()
+        with self._collective_scope():
+            self._after_optimizer_step()
+        self._update_hook()
         self._log_communication()
         return output
 
@@ -180,6 +296,8 @@ class OptxDDPStrategy(DDPStrategy):
             "comm/bytes_per_step": float(step_bytes),
             "comm/bytes_total": float(ledger.total_bytes),
             "comm/compression_ratio": float(ratio) if self.comm.active else 1.0,
+            "comm/intra_node_bytes": float(ledger.intra_node_bytes),
+            "comm/inter_node_bytes": float(ledger.inter_node_bytes),
             **self._extra_metrics(),
         }
         for name, value in metrics.items():
@@ -187,6 +305,59 @@ class OptxDDPStrategy(DDPStrategy):
 
     def _extra_metrics(self) -> dict[str, float]:
         return {}
+
+    def _collective_scope(self) -> Any:
+        """The block in which the strategy prepares and issues collectives (strict device checks, see
+        :func:`~lightning_optx.distributed.strict_collectives`)."""
+        return strict_collectives(self.comm.check_devices)
+
+    # ------------------------------------------------------------------ end of fit and evaluation
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        with self._collective_scope(), torch.no_grad():
+            self._final_sync()
+
+    def _final_sync(self) -> None:
+        """Bring every rank to the consensus parameters when fit ends, wherever in a round it stops."""
+
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        module = self.lightning_module
+        fitting = module is not None and module._trainer is not None and module.trainer.state.fn == TrainerFn.FITTING
+        if fitting and getattr(self, "validate_on", "local") == "consensus":
+            with self._collective_scope(), torch.no_grad():
+                self._swap_in_consensus()
+
+    def on_validation_end(self) -> None:
+        self._restore_local()
+        super().on_validation_end()
+
+    def _swap_in_consensus(self) -> None:
+        """Replace this rank's local replica by the consensus for a validation run (see ``validate_on``)."""
+
+    def _keep_local(self, names: list[str]) -> None:
+        """Remember the local values of these ``state_dict`` entries before they are overwritten."""
+        assert self.lightning_module is not None
+        state = self.lightning_module.state_dict(keep_vars=True)
+        self._local_backup = {n: state[n].detach().clone() for n in names}
+
+    def _restore_local(self) -> None:
+        backup = getattr(self, "_local_backup", None)
+        if not backup:
+            return
+        assert self.lightning_module is not None
+        state = self.lightning_module.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for name, value in backup.items():
+                state[name].detach().copy_(value)
+        self._local_backup = {}
+
+    def _local_module_state(self) -> dict[str, Any]:
+        """The module's ``state_dict`` with this rank's local values, also while a consensus is swapped in."""
+        assert self.lightning_module is not None
+        backup = getattr(self, "_local_backup", None) or {}
+        return {n: backup.get(n, v) for n, v in self.lightning_module.state_dict().items()}
 
     # ------------------------------------------------------------------ helpers for subclasses
 
@@ -221,9 +392,12 @@ class OptxDDPStrategy(DDPStrategy):
             shared = self._shared_state()  # on every rank: it may finish collectives still in flight
             mine = {"strategy": self._rank_state(), **self.per_rank_state.collect()}
             if self.is_global_zero:
-                # the module and optimizer state of rank 0 are what Lightning writes anyway
-                mine["strategy"] = {k: v for k, v in mine["strategy"].items()
-                                    if k not in ("module", "optimizer_states")}
+                # The module and optimizer state of rank 0 are what Lightning writes anyway, except while a
+                # consensus is swapped in for validation (``validate_on="consensus"``): then Lightning writes
+                # the consensus and rank 0's local replica is kept here for the resume.
+                swapped = bool(getattr(self, "_local_backup", None))
+                dropped = ("optimizer_states",) if swapped else ("module", "optimizer_states")
+                mine["strategy"] = {k: v for k, v in mine["strategy"].items() if k not in dropped}
                 ours.update(comm=self.comm.ledger.state_dict(), shared=to_cpu(shared), rank0=to_cpu(mine))
             else:
                 PerRankState.write(filepath, mine, self.global_rank, self.world_size, self.optimizer_steps)

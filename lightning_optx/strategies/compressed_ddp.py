@@ -30,6 +30,13 @@ class CompressedDDPStrategy(OptxDDPStrategy):
     Error-feedback residuals differ per rank; each rank writes its own into its checkpoint file (nothing is
     gathered, see :mod:`lightning_optx.checkpointing`).
 
+    **Several nodes** (``num_nodes > 1``): the gradients are first averaged at full precision inside each node
+    (one coalesced fp32 all-reduce over the node's fast links), then compressed across nodes only: process
+    ``i`` of every node exchanges with process ``i`` of the other nodes (one group per local index), all with
+    the node's average as input, so every process ends with the same result. Each of the node's processes
+    carries the full compressed payload across nodes, in parallel on its own links; the ledger counts the two
+    stages as ``comm/intra_node_bytes`` and ``comm/inter_node_bytes``.
+
     Args:
         compressor: a :class:`~lightning_optx.compression.Compressor` or one of ``"powersgd"``, ``"topk"``,
             ``"sign"``, ``"fp16"``, ``"bf16"``.
@@ -45,6 +52,8 @@ class CompressedDDPStrategy(OptxDDPStrategy):
     """
 
     strategy_name = "compressed_ddp"
+    _replica_size_arg = None  # groups per node when num_nodes > 1 (a node's processes reduce together first)
+    _ddp_on_replicas = False  # DDP's own hook is a no-op here; the compressed sync runs after backward
 
     def __init__(
         self,
@@ -78,7 +87,8 @@ class CompressedDDPStrategy(OptxDDPStrategy):
         super().post_backward(closure_loss)
         model = self.model
         if model is not None and getattr(model, "require_backward_grad_sync", True):
-            self._sync_gradients()
+            with self._collective_scope():
+                self._sync_gradients()
 
     def _sync_gradients(self) -> None:
         named = list(self._named_trainable_params())
@@ -93,10 +103,12 @@ class CompressedDDPStrategy(OptxDDPStrategy):
         assert all(g is not None for g in grads)
         tensors: list[Tensor] = grads  # type: ignore[assignment]
         check = self.check_finite if self.check_finite is not None else self._grad_scale() != 1.0
-        if check and not agree(all_finite(tensors), self.comm, how="all"):
+        if check and not agree(all_finite(tensors), self.world_comm, how="all"):
             self.skipped_nonfinite_syncs += 1
-            all_reduce_mean_coalesced_(tensors, self.comm, tag="grad")
+            all_reduce_mean_coalesced_(tensors, self.world_comm, tag="grad")
             return
+        if self.replica_comm is not None:  # several nodes: full precision inside the node, compressed across
+            all_reduce_mean_coalesced_(tensors, self.replica_comm, tag="grad")
         scale = self._grad_scale()
         if scale != 1.0:
             torch._foreach_div_(tensors, scale)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -14,9 +14,11 @@ from torch import Tensor
 from torch.nn import Parameter
 
 from lightning_optx.compression import COMPRESSORS, Compressor, get_compressor
-from lightning_optx.distributed import Communicator, all_reduce_mean_coalesced_
+from lightning_optx.distributed import Communicator, all_reduce_mean_coalesced_, strict_collectives
 from lightning_optx.functional import diloco as D
-from lightning_optx.strategies._ddp_base import OptxDDPStrategy
+from lightning_optx.strategies._ddp_base import OptxDDPStrategy, check_replica_size, local_ddp_kwargs
+
+VALIDATE_ON = ("local", "consensus")
 
 ADAPTIVE_THRESHOLDS = (0.2, 0.6)  # relative compression error below / above which the level halves / doubles
 DEFAULT_BOUNDS = {"powersgd": (1.0, 64.0), "topk": (0.001, 0.25)}
@@ -92,13 +94,24 @@ class DiLoCoStrategy(OptxDDPStrategy):
     since the compression error is measured over it). With overlap it also holds, per fragment, the round's
     start point (one copy of the fragment in the parameters' dtype) and the in-flight fp32 average.
 
-    Checkpoints hold the global parameters, outer-optimizer state, sync schedule, any in-flight average
-    (completed first) and, written by every rank to its own file, the local parameters, inner optimizer
-    state, overlap start points and compressor residuals: a resumed run continues bit for bit.
+    **Buffers** (BatchNorm statistics) are averaged across ranks at every sync (``average_buffers``, fp32,
+    uncompressed, tag ``"buffers"``); DDP's ``broadcast_buffers`` is off.
 
-    At the end of ``fit`` each rank's local parameters include its progress since its last sync; the
-    consensus is ``strategy.global_state_dict()``. Set ``max_steps`` to a multiple of ``inner_steps`` (without
-    overlap) for identical final local parameters.
+    Checkpoints hold the global parameters, outer-optimizer state, sync schedule, any in-flight average
+    and, written by each rank to its own file, the local parameters, inner optimizer state, overlap start
+    points and compressor residuals: a resumed run continues bit for bit. An overlapped round still in flight when a checkpoint is
+    taken is finished (waited for, on every rank) before any state is read, so the compressor state and the
+    pending average saved belong to the same round.
+
+    **End of fit.** However fit stops (``max_steps``, ``max_time``, early stopping, a callback's
+    ``should_stop``), it ends with a final synchronisation in the strategy's ``on_train_end`` (after the
+    callbacks' ``on_train_end``): an in-flight average is applied, every fragment with local progress since
+    its last sync takes one more (blocking) outer step on it, and every rank's parameters are set to the new
+    global parameters, so all ranks end with the consensus (also ``strategy.global_state_dict()``).
+
+    **Validation** during fit sees this rank's local replica by default (``validate_on="local"``);
+    ``validate_on="consensus"`` evaluates the global parameters (no communication: every rank holds them),
+    then restores the local replica. ``Trainer.validate/test/predict`` outside fit evaluate the module as is.
 
     Args:
         inner_steps: ``H``, optimizer steps between syncs.
@@ -113,6 +126,12 @@ class DiLoCoStrategy(OptxDDPStrategy):
         fragments: number of staggered fragments (streaming DiLoCo).
         compressor_options: options of a named compressor (e.g. ``{"rank": 8}``).
         compression_bounds: ``(min, max)`` level for adaptive compression.
+        average_buffers: average floating-point buffers across ranks at every sync.
+        validate_on: ``"local"`` (this rank's replica) or ``"consensus"`` (the global parameters) for
+            validation during fit.
+        replica_size: processes per replica; ``None`` (default): the devices of one node when ``num_nodes > 1``,
+            else 1. Inside a replica gradients are all-reduced every step (DDP on the replica's group); outer
+            steps average pseudo-gradients across replicas. Must divide the world size.
         **kwargs: passed to Lightning's ``DDPStrategy``.
 
     Examples:
@@ -137,15 +156,24 @@ class DiLoCoStrategy(OptxDDPStrategy):
         fragments: int = 1,
         compressor_options: dict[str, Any] | None = None,
         compression_bounds: tuple[float, float] | None = None,
+        average_buffers: bool = True,
+        validate_on: Literal["local", "consensus"] = "local",
+        replica_size: int | None = None,
         **kwargs: Any,
     ) -> None:
         D.check_diloco_args(inner_steps, outer_optimizer, outer_lr, outer_momentum, fragments)
+        check_replica_size(replica_size)
+        if validate_on not in VALIDATE_ON:
+            raise ValueError(f"`validate_on` must be one of {VALIDATE_ON}, got validate_on={validate_on!r}.")
         self.compressor = _build_compressor(compressor, error_feedback, compressor_options)
         adaptable = hasattr(self.compressor, "rank") or hasattr(self.compressor, "density")
         if adaptive_compression and not adaptable:
             raise ValueError("`adaptive_compression=True` needs a PowerSGD or top-k compressor (it adapts the rank "
                              f"or density), got compressor={compressor!r}.")
-        super().__init__(**kwargs)
+        super().__init__(**local_ddp_kwargs(kwargs, "DiLoCoStrategy"))
+        self.average_buffers = average_buffers
+        self.validate_on = validate_on
+        self._replica_size_arg = replica_size
         self.inner_steps = inner_steps
         self.outer_optimizer = outer_optimizer
         self.outer_lr = float(outer_lr)
@@ -176,9 +204,12 @@ class DiLoCoStrategy(OptxDDPStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)
         if self.overlap and self.comm.active and self._overlap_comm is None:
-            # A dedicated group, so background averages never interleave with the main thread's collectives.
-            group = dist.new_group(backend=dist.get_backend())
-            self._overlap_comm = Communicator(group, ledger=self.comm.ledger, overlapped=True)
+            # Dedicated groups, so background averages never interleave with the main thread's collectives.
+            for ranks in self._cross_rank_lists:
+                group = dist.new_group(ranks, backend=dist.get_backend())
+                if self.global_rank in ranks:
+                    self._overlap_comm = Communicator(group, ledger=self.comm.ledger, overlapped=True,
+                                                      link=self.comm.link, device=self.root_device)
 
     def _build_fragments(self) -> None:
         named = list(self._named_trainable_params())
@@ -196,15 +227,33 @@ class DiLoCoStrategy(OptxDDPStrategy):
             ))
 
     def _hook_allreduces(self) -> bool:
-        return False
+        return self.replica_comm is not None
+
+    def _hook_comm(self) -> Communicator:
+        return self.replica_comm if self.replica_comm is not None else self.world_comm
+
+    def _comms(self) -> list[Communicator]:
+        return super()._comms() + ([self._overlap_comm] if self._overlap_comm is not None else [])
 
     # ------------------------------------------------------------------ syncing
 
     def _after_optimizer_step(self) -> None:
+        synced = False
         for f, frag in enumerate(self._fragments):
             if self.optimizer_steps == frag.next_sync:
                 self._sync(frag, f)
                 frag.next_sync += self.inner_steps
+                synced = True
+        if synced:
+            self._average_buffers()
+
+    def _average_buffers(self) -> None:
+        if not self.average_buffers:
+            return
+        assert self.lightning_module is not None
+        buffers = [b for b in self.lightning_module.buffers() if b.is_floating_point()]
+        with torch.no_grad():  # DDP leaves buffers local to every rank, inside a replica too: average over all
+            all_reduce_mean_coalesced_(buffers, self.world_comm, tag="buffers")
 
     def _sync(self, frag: _Fragment, index: int) -> None:
         self.rounds += 1
@@ -271,7 +320,11 @@ class DiLoCoStrategy(OptxDDPStrategy):
             # One worker: background averages (of several fragments) run in submission order, the same on
             # every rank, so their collectives never interleave.
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diloco-average")
-        return _Pending(tensors, future=self._executor.submit(self._average, tensors, frag, comm))
+        return _Pending(tensors, future=self._executor.submit(self._average_in_background, tensors, frag, comm))
+
+    def _average_in_background(self, tensors: list[Tensor], frag: _Fragment, comm: Communicator) -> list[Tensor]:
+        with strict_collectives(comm.check_devices), torch.no_grad():  # thread-local: set again in the worker
+            return self._average(tensors, frag, comm)
 
     def _outer_step(self, frag: _Fragment, averaged: list[Tensor]) -> None:
         for g, d in zip(frag.global_params, averaged):
@@ -280,10 +333,8 @@ class DiLoCoStrategy(OptxDDPStrategy):
         frag.outer.zero_grad(set_to_none=True)
 
     def _adapt(self, approx: list[Tensor], compensated: list[Tensor], comm: Communicator) -> None:
-        error = torch.tensor([D.relative_error(compensated, approx)])
-        if comm.active:
-            dist.all_reduce(error, group=comm.group)
-            error /= comm.world_size
+        error = torch.tensor([D.relative_error(compensated, approx)], device=comm.device)
+        comm.all_reduce_(error, op="mean", tag="control")
         self._last_relative_error = float(error)
         level = D.adapt_level(self.compressor_level, self._last_relative_error, *ADAPTIVE_THRESHOLDS,
                               bounds=self.compression_bounds)
@@ -308,6 +359,50 @@ class DiLoCoStrategy(OptxDDPStrategy):
             if self.adaptive_compression:
                 metrics["diloco/compression_error"] = self._last_relative_error
         return metrics
+
+    # ------------------------------------------------------------------ end of fit and evaluation
+
+    def _final_sync(self) -> None:
+        if not self._fragments:
+            return
+        self._finish_pending()  # no background round may touch the compressor while the final rounds run
+        for frag in self._fragments:
+            self._final_sync_fragment(frag)
+        self._average_buffers()
+
+    def _final_sync_fragment(self, frag: _Fragment) -> None:
+        round_start = max(0, frag.next_sync - self.inner_steps)  # the step this fragment's round began at
+        if frag.pending is not None:
+            self._outer_step(frag, frag.pending.wait())
+            frag.pending = None
+        if self.optimizer_steps > round_start:
+            self.rounds += 1
+            origin = frag.start if frag.start is not None else [g.to(p.device) for g, p in
+                                                                zip(frag.global_params, frag.params)]
+            self.comm.step = self.optimizer_steps
+            self._outer_step(frag, self._average(D.pseudo_gradients(origin, frag.params), frag, self.comm))
+        for p, g in zip(frag.params, frag.global_params):
+            p.copy_(g.to(p.device, p.dtype))
+        if frag.start is not None:
+            for s, p in zip(frag.start, frag.params):
+                s.copy_(p)
+
+    def _swap_in_consensus(self) -> None:
+        names = [n for frag in self._fragments for n in frag.names]
+        if not names:
+            return
+        self._keep_local(names)
+        for frag in self._fragments:
+            for p, g in zip(frag.params, frag.global_params):
+                p.copy_(g.to(p.device, p.dtype))
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        self._finish_pending()  # Lightning reads the module first when it builds a checkpoint
+        return super().lightning_module_state_dict()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        self._finish_pending()  # an in-flight round would otherwise tear the compressor state from the average
+        super().save_checkpoint(checkpoint, filepath, storage_options)
 
     def teardown(self) -> None:
         if self._executor is not None:
@@ -356,7 +451,7 @@ class DiLoCoStrategy(OptxDDPStrategy):
     def _rank_state(self) -> dict[str, Any]:
         assert self.lightning_module is not None
         state: dict[str, Any] = {
-            "module": self.lightning_module.state_dict(),
+            "module": self._local_module_state(),
             "optimizer_states": [opt.state_dict() for opt in self.optimizers],
         }
         if self.overlap:

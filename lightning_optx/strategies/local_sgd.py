@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
-from lightning_optx.distributed import all_reduce_mean_coalesced_
+from lightning_optx.distributed import Communicator, all_reduce_mean_coalesced_
 from lightning_optx.functional.local_sgd import check_period_args, qsr_period
-from lightning_optx.strategies._ddp_base import OptxDDPStrategy
+from lightning_optx.strategies._ddp_base import OptxDDPStrategy, check_replica_size, local_ddp_kwargs
+
+VALIDATE_ON = ("local", "consensus")
 
 
 class LocalSGDStrategy(OptxDDPStrategy):
@@ -27,7 +29,19 @@ class LocalSGDStrategy(OptxDDPStrategy):
 
     Steps are counted per optimizer-step call on every rank, so an AMP step the grad scaler skips on one
     rank does not shift that rank's schedule. Between syncs the ranks' parameters and optimizer states
-    differ; checkpoints store every rank's (gathered to rank 0), so a resumed run continues bit for bit.
+    differ; checkpoints store every rank's, so a resumed run continues bit for bit.
+
+    **End of fit.** However fit stops (``max_steps``, ``max_time``, early stopping, a callback's
+    ``should_stop``), it ends with one more averaging (in the strategy's ``on_train_end``, after the
+    callbacks' ``on_train_end``) unless the last step was a sync, so every rank holds the consensus.
+
+    **Validation** during fit sees this rank's local replica by default (``validate_on="local"``, no traffic);
+    ``validate_on="consensus"`` averages the parameters (and buffers) for the validation run, one extra
+    all-reduce per validation (tag ``"consensus"``) unless the ranks are in step, then restores the local
+    replica. ``Trainer.validate/test/predict`` outside fit evaluate the module as it is.
+
+    DDP's ``broadcast_buffers`` is off: buffers are averaged at the syncs (``average_buffers``), never
+    broadcast from rank 0 before every forward.
 
     Args:
         period: optimizer steps between two averagings (>= 1); ``period=1`` averages after every step.
@@ -36,6 +50,10 @@ class LocalSGDStrategy(OptxDDPStrategy):
         min_period: QSR's lower bound on the period (``H_base`` in the paper).
         average_buffers: also average floating-point buffers (BatchNorm statistics) at each sync.
         average_optimizer_state: also average the optimizer's floating-point state (momentum, Adam moments).
+        validate_on: ``"local"`` (this rank's replica) or ``"consensus"`` (the average) for validation during fit.
+        replica_size: processes per replica; ``None`` (default): the devices of one node when ``num_nodes > 1``,
+            else 1. Inside a replica gradients are all-reduced every step (DDP on the replica's group); the
+            periodic averaging runs across replicas. Must divide the world size.
         **kwargs: passed to Lightning's ``DDPStrategy`` (e.g. ``find_unused_parameters``).
 
     Examples:
@@ -56,10 +74,17 @@ class LocalSGDStrategy(OptxDDPStrategy):
         min_period: int = 1,
         average_buffers: bool = True,
         average_optimizer_state: bool = False,
+        validate_on: Literal["local", "consensus"] = "local",
+        replica_size: int | None = None,
         **kwargs: Any,
     ) -> None:
         check_period_args(period, warmup_steps, qsr_alpha, min_period)
-        super().__init__(**kwargs)
+        check_replica_size(replica_size)
+        if validate_on not in VALIDATE_ON:
+            raise ValueError(f"`validate_on` must be one of {VALIDATE_ON}, got validate_on={validate_on!r}.")
+        super().__init__(**local_ddp_kwargs(kwargs, "LocalSGDStrategy"))
+        self.validate_on = validate_on
+        self._replica_size_arg = replica_size
         self.period = period
         self.warmup_steps = warmup_steps
         self.qsr_alpha = qsr_alpha
@@ -69,6 +94,7 @@ class LocalSGDStrategy(OptxDDPStrategy):
         self.current_period = period
         self.last_sync_step = warmup_steps
         self.sync_steps: list[int] = []
+        self.final_sync_step: int | None = None
 
     def _check_supported(self, trainer: pl.Trainer) -> None:
         if len(self.optimizers) != 1:
@@ -82,7 +108,10 @@ class LocalSGDStrategy(OptxDDPStrategy):
         return self.optimizer_steps < self.warmup_steps
 
     def _hook_allreduces(self) -> bool:
-        return self.in_warmup
+        return self.in_warmup or self.replica_comm is not None
+
+    def _hook_comm(self) -> Communicator:
+        return self.world_comm if self.in_warmup or self.replica_comm is None else self.replica_comm
 
     def _after_optimizer_step(self) -> None:
         if self.optimizer_steps <= self.warmup_steps:
@@ -97,15 +126,49 @@ class LocalSGDStrategy(OptxDDPStrategy):
             lr = float(self.optimizers[0].param_groups[0]["lr"])
             self.current_period = qsr_period(lr, self.qsr_alpha, self.min_period)
 
-    def _average(self) -> None:
+    def _param_entries(self) -> list[tuple[str, Tensor]]:
         assert self.lightning_module is not None
-        tensors: list[Tensor] = [p.data for p in self.lightning_module.parameters()]
-        if self.average_buffers:
-            tensors += [b for b in self.lightning_module.buffers() if b.is_floating_point()]
+        return [(n, p.data) for n, p in self.lightning_module.named_parameters()]
+
+    def _buffer_entries(self) -> list[tuple[str, Tensor]]:
+        assert self.lightning_module is not None
+        if not self.average_buffers:
+            return []
+        return [(n, b) for n, b in self.lightning_module.named_buffers() if b.is_floating_point()]
+
+    def _average(self) -> None:
+        tensors = [t for _, t in self._param_entries()]
         if self.average_optimizer_state:
             tensors += _floating_optimizer_state(self.optimizers[0])
+        self._average_across_replicas(tensors, [t for _, t in self._buffer_entries()], tag="params")
+
+    def _average_across_replicas(self, same_in_replica: list[Tensor], buffers: list[Tensor], tag: str) -> None:
+        """Average parameters (identical inside a replica) across replicas, buffers (which DDP leaves local to
+        every rank) across all ranks; one coalesced all-reduce when every process is its own replica."""
         with torch.no_grad():
-            all_reduce_mean_coalesced_(tensors, self.comm, tag="params")
+            if self.comm is self.world_comm:
+                all_reduce_mean_coalesced_(same_in_replica + buffers, self.comm, tag=tag)
+                return
+            all_reduce_mean_coalesced_(same_in_replica, self.comm, tag=tag)
+            all_reduce_mean_coalesced_(buffers, self.world_comm, tag="buffers")
+
+    @property
+    def _ranks_in_step(self) -> bool:
+        """Whether every rank holds the same replica now (warm-up, or right after a sync); same on every rank."""
+        return self.optimizer_steps <= self.warmup_steps or self.optimizer_steps == self.last_sync_step
+
+    def _final_sync(self) -> None:
+        if self._ranks_in_step or not self.optimizers:
+            return
+        self._average()
+        self.final_sync_step = self.optimizer_steps
+
+    def _swap_in_consensus(self) -> None:
+        if self._ranks_in_step:
+            return
+        params, buffers = self._param_entries(), self._buffer_entries()
+        self._keep_local([n for n, _ in params + buffers])
+        self._average_across_replicas([t for _, t in params], [t for _, t in buffers], tag="consensus")
 
     def _extra_metrics(self) -> dict[str, float]:
         return {"local_sgd/period": float(self.current_period)}
@@ -127,7 +190,7 @@ class LocalSGDStrategy(OptxDDPStrategy):
     def _rank_state(self) -> dict[str, Any]:
         assert self.lightning_module is not None
         return {
-            "module": self.lightning_module.state_dict(),
+            "module": self._local_module_state(),
             "optimizer_states": [opt.state_dict() for opt in self.optimizers],
         }
 

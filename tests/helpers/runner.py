@@ -1,10 +1,12 @@
-"""Run a Lightning ``Trainer`` on 1 or 2 CPU processes (gloo) from inside pytest and collect each rank's state.
+"""Run a Lightning ``Trainer`` on 1 to 4 CPU processes (gloo) from inside pytest and collect each rank's state.
 
 A :class:`TrainJob` describes one ``fit``: a factory for the module, the callbacks, Trainer arguments and an
 optional checkpoint to resume from / write to. :func:`run_job` executes it on ``world_size`` processes and
 returns one :class:`RankResult` per rank. Two processes are started with the ``spawn`` context and given
-the environment that ``torchrun`` would give them (``LOCAL_RANK`` set makes Lightning treat them as
-launched externally), so each builds its own Trainer exactly as a user's script would. Every multi-process
+the environment that ``torchrun`` would give them (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``,
+``GROUP_RANK`` / ``NODE_RANK``; ``LOCAL_RANK`` set makes Lightning treat them as launched externally), so each
+builds its own Trainer exactly as a user's script would. ``num_nodes=2`` lays 4 processes out as 2 nodes x 2
+(``Trainer(num_nodes=2, devices=2)``), as two ``torchrun --nnodes 2`` launches on one machine would. Every multi-process
 run has a timeout: a hang fails the test instead of blocking CI.
 """
 
@@ -88,14 +90,17 @@ class RankResult:
         return [m[key] for _, m in self.metrics if key in m]
 
 
-def run_job(job: TrainJob, world_size: int = 1, timeout: float = DEFAULT_TIMEOUT_S) -> list[RankResult]:
-    """Execute ``job`` on ``world_size`` CPU processes and return the results ordered by rank."""
+def run_job(job: TrainJob, world_size: int = 1, timeout: float = DEFAULT_TIMEOUT_S,
+            num_nodes: int = 1) -> list[RankResult]:
+    """Run ``job`` on ``world_size`` CPU processes (as ``num_nodes`` simulated nodes); the results by rank."""
+    if world_size % num_nodes:
+        raise ValueError(f"num_nodes={num_nodes} must divide world_size={world_size}")
     if world_size == 1:
         return [_fit(copy.deepcopy(job), world_size=1)]
-    return _run_spawned(job, world_size, timeout)
+    return _run_spawned(job, world_size, timeout, num_nodes)
 
 
-def _fit(job: TrainJob, world_size: int) -> RankResult:
+def _fit(job: TrainJob, world_size: int, num_nodes: int = 1) -> RankResult:
     import lightning_optx  # noqa: F401  (registers the strategy names, as a user's script does)
 
     pl.seed_everything(job.seed, workers=True, verbose=False)
@@ -103,7 +108,8 @@ def _fit(job: TrainJob, world_size: int) -> RankResult:
     logger = InMemoryLogger()
     kwargs: dict[str, Any] = {
         "accelerator": "cpu",
-        "devices": world_size,
+        "devices": world_size // num_nodes,
+        "num_nodes": num_nodes,
         "strategy": job.strategy or ("ddp" if world_size > 1 else "auto"),
         "logger": logger,
         "log_every_n_steps": 1,
@@ -139,20 +145,25 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _set_rank_env(rank: int, world_size: int, port: int) -> None:
+def _set_rank_env(rank: int, world_size: int, port: int, num_nodes: int = 1) -> None:
+    per_node = world_size // num_nodes
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
         WORLD_SIZE=str(world_size),
         RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        NODE_RANK="0",
+        LOCAL_RANK=str(rank % per_node),
+        LOCAL_WORLD_SIZE=str(per_node),
+        NODE_RANK=str(rank // per_node),
+        GROUP_RANK=str(rank // per_node),
+        # every collective of ours checks its tensors' device as NCCL would (see distributed.strict_collectives)
+        LIGHTNING_OPTX_STRICT_COLLECTIVES="1",
     )
     torch.set_num_threads(1)
 
 
-def _fit_worker(job: TrainJob, world_size: int) -> RankResult:
-    return _fit(job, world_size)
+def _fit_worker(job: TrainJob, world_size: int, num_nodes: int = 1) -> RankResult:
+    return _fit(job, world_size, num_nodes)
 
 
 def _plain_worker(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
@@ -166,8 +177,8 @@ def _plain_worker(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
 
 
 def _entry(rank: int, world_size: int, port: int, target: Callable[..., Any], args: tuple[Any, ...],
-           out_path: str) -> None:
-    _set_rank_env(rank, world_size, port)
+           out_path: str, num_nodes: int = 1) -> None:
+    _set_rank_env(rank, world_size, port, num_nodes)
     try:
         result: Any = target(*args)
     except BaseException:
@@ -184,18 +195,19 @@ def run_distributed(fn: Callable[..., Any], *args: Any, world_size: int = 2,
     return _spawn(_plain_worker, (fn, args), world_size, timeout)
 
 
-def _run_spawned(job: TrainJob, world_size: int, timeout: float) -> list[RankResult]:
-    results = _spawn(_fit_worker, (job, world_size), world_size, timeout)
+def _run_spawned(job: TrainJob, world_size: int, timeout: float, num_nodes: int = 1) -> list[RankResult]:
+    results = _spawn(_fit_worker, (job, world_size, num_nodes), world_size, timeout, num_nodes)
     return sorted(results, key=lambda r: r.rank)
 
 
-def _spawn(target: Callable[..., Any], args: tuple[Any, ...], world_size: int, timeout: float) -> list[Any]:
+def _spawn(target: Callable[..., Any], args: tuple[Any, ...], world_size: int, timeout: float,
+           num_nodes: int = 1) -> list[Any]:
     ctx = mp.get_context("spawn")
     port = _free_port()
     with tempfile.TemporaryDirectory() as tmp:
         paths = [os.path.join(tmp, f"rank{r}.pt") for r in range(world_size)]
         procs = [
-            ctx.Process(target=_entry, args=(r, world_size, port, target, args, paths[r]))
+            ctx.Process(target=_entry, args=(r, world_size, port, target, args, paths[r], num_nodes))
             for r in range(world_size)
         ]
         for p in procs:
