@@ -99,9 +99,9 @@ class DiLoCoStrategy(OptxDDPStrategy):
 
     Checkpoints hold the global parameters, outer-optimizer state, sync schedule, any in-flight average
     and, written by each rank to its own file, the local parameters, inner optimizer state, overlap start
-    points and compressor residuals: a resumed run continues bit for bit. An overlapped round still in flight when a checkpoint is
-    taken is finished (waited for, on every rank) before any state is read, so the compressor state and the
-    pending average saved belong to the same round.
+    points and compressor residuals: a resumed run continues bit for bit. An overlapped round still in
+    flight when a checkpoint is taken is finished (waited for, on every rank) before any state is read, so
+    the compressor state and the pending average saved belong to the same round.
 
     **End of fit.** However fit stops (``max_steps``, ``max_time``, early stopping, a callback's
     ``should_stop``), it ends with a final synchronisation in the strategy's ``on_train_end`` (after the
