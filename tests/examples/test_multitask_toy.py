@@ -67,7 +67,7 @@ def test_sum_and_mean_follow_the_same_adam_path():
 
 
 def test_distance_to_pareto_set():
-    assert toy.distance_to_pareto_set(torch.tensor([0.0, toy.PARETO_X2])) == 0.0
+    assert toy.distance_to_pareto_set(torch.tensor([0.0, toy.PARETO_X2], dtype=torch.float64)) == 0.0
     assert math.isclose(toy.distance_to_pareto_set(torch.tensor([10.0, toy.PARETO_X2 + 4.0], dtype=torch.float64)), 5.0)
 
 
