@@ -52,6 +52,7 @@ __all__ = [
     "StopAtAccuracy",
     "make_callbacks",
     "modular_addition_data",
+    "modular_data",
     "plot_runs",
     "train_run",
 ]
@@ -100,21 +101,32 @@ class ModularData(NamedTuple):
     num_tokens: int  # p numbers + "=" + "op"
 
 
-def modular_addition_data(p: int = 97, train_fraction: float = 0.5, seed: int = 0) -> ModularData:
-    """All ``p * p`` equations ``a + b = c (mod p)``, split at random (seeded) into train and validation.
+OPERATIONS = {"add": ("+", lambda a, b: a + b), "mul": ("*", lambda a, b: a * b)}
 
-    Tokens ``0 .. p-1`` are the numbers, ``p`` is ``=`` and ``p + 1`` is ``+``.
+
+def modular_data(p: int = 97, train_fraction: float = 0.5, seed: int = 0, operation: str = "add") -> ModularData:
+    """All ``p * p`` equations ``a op b = c (mod p)``, split at random (seeded) into train and validation.
+
+    ``operation`` is ``"add"`` (``a + b``) or ``"mul"`` (``a * b``, the Grokfast paper's headline task).
+    Tokens ``0 .. p-1`` are the numbers, ``p`` is ``=`` and ``p + 1`` is the operator.
     """
     if not 0.0 < train_fraction < 1.0:
         raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
+    if operation not in OPERATIONS:
+        raise ValueError(f"operation must be one of {sorted(OPERATIONS)}, got {operation!r}")
     a, b = torch.cartesian_prod(torch.arange(p), torch.arange(p)).T
     eq_token, op_token = p, p + 1
     x = torch.stack([a, torch.full_like(a, op_token), b, torch.full_like(a, eq_token)], dim=1)
-    y = (a + b) % p
+    y = OPERATIONS[operation][1](a, b) % p
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     n_train = round(train_fraction * len(y))
     tr, va = perm[:n_train], perm[n_train:]
     return ModularData(x[tr], y[tr], x[va], y[va], num_tokens=p + 2)
+
+
+def modular_addition_data(p: int = 97, train_fraction: float = 0.5, seed: int = 0) -> ModularData:
+    """:func:`modular_data` for ``a + b mod p``."""
+    return modular_data(p, train_fraction, seed, "add")
 
 
 class _ShuffledBatches(Sampler[list[int]]):
@@ -229,10 +241,11 @@ class GrokkingModule(pl.LightningModule):
         dim: int = 128,
         num_layers: int = 2,
         num_heads: int = 4,
+        operation: str = "add",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.data = modular_addition_data(p, train_fraction, seed)
+        self.data = modular_data(p, train_fraction, seed, operation)
         self.model = Decoder(self.data.num_tokens, dim, num_layers, num_heads, seq_len=4)
         self.history: list[dict[str, float]] = []
         # loss * n, correct, n over the training batches since the last validation (moves with the module)
