@@ -10,6 +10,7 @@ TORCH_PIP_ARGS ?=
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
 PYTEST_ARGS ?=
 
 .PHONY: demo test test-slow test-gpu lint typecheck docs unit bench-quick clean
@@ -21,7 +22,14 @@ $(STAMP): pyproject.toml
 	@$(BIN)/python -c "import torch; print('torch', torch.__version__, '| CUDA build:', torch.version.cuda)"
 	touch $(STAMP)
 
-demo: $(STAMP)
+# The demo installs only what it needs (torch, the package, matplotlib, tensorboard), not the test/docs tools.
+$(DEMO_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install $(TORCH_PIP_ARGS) "$(TORCH)"
+	$(PIP) install -e ".[demo]"
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(BIN)/python examples/grokking.py
 
 test: $(STAMP) lint typecheck docs unit
