@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 
 from lightning_optx import CompressedDDPStrategy, DiLoCoStrategy, DropoutSchedule, GradES, GradientSurgery, Grokfast
+from tests.gpu.common import variant
 from tests.gpu.device import (
     CUDA,
     DEVICE,
@@ -38,7 +39,9 @@ from tests.helpers import TrainJob, assert_ranks_identical, assert_tree_equal, c
 from tests.helpers.models import MultiTaskModule, TinyModule, make_model
 from tests.helpers.runner import _fit, _spawn
 
-FLAGS = ["local_sgd", "diloco", "diloco_x", "ddp_powersgd", "ddp_topk", "ddp_sign", "ddp_fp16", "ddp_bf16"]
+# least risky first: a batch's runs share two processes, and a run that breaks their process group stops the rest
+# (see _run_batch); diloco_x (a sync round in flight on a background thread) goes last
+FLAGS = ["ddp_fp16", "ddp_bf16", "ddp_sign", "ddp_topk", "ddp_powersgd", "local_sgd", "diloco", "diloco_x"]
 # short runs: sync every few steps instead of the registered defaults (local_sgd 8, DiLoCo 500); nothing else changes
 SYNC_ARGUMENT = {"local_sgd": "period", "diloco": "inner_steps", "diloco_x": "inner_steps"}
 WIDE = functools.partial(TinyModule, model="wide_mlp", optimizer="sgd", lr=0.05)
@@ -66,15 +69,19 @@ def facts(trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, Any]:
         shapes = [torch.empty(p.shape) for _, p in s._named_trainable_params()]
         out["payload"] = s.compressor.payload_bytes(shapes, trainer.world_size)
         out["iteration"] = s.compressor.iteration
+        out["skipped_nonfinite_syncs"] = s.skipped_nonfinite_syncs
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    out["scale"] = float(scaler.get_scale()) if scaler is not None else None
     if isinstance(s, DiLoCoStrategy):
         out["global"] = {n: t.clone() for n, t in s.global_state_dict().items()}
     return out
 
 
-def flag_job(flag: str, backend: str, shared: bool, module: Any = WIDE, every: int = 4) -> TrainJob:
+def flag_job(flag: str, backend: str, shared: bool, module: Any = WIDE, every: int = 4,
+             precision: str = "32-true") -> TrainJob:
     kwargs = {"max_epochs": 2, "num_nodes": 2} if shared else {"max_epochs": 2}
     return on_device(TrainJob(module=module, strategy=flag_strategy(flag, backend, every), trainer_kwargs=kwargs,
-                              inspect=facts))
+                              inspect=facts), precision)
 
 
 # ---------------------------------------------------------------- running a batch of fits in spawned processes
@@ -86,17 +93,35 @@ def _share_one_device() -> None:
     os.environ["LOCAL_RANK"] = "0"
 
 
+def _resynchronise() -> str | None:
+    """After a run: every rank reports whether its run failed, in one collective under the group's timeout
+    (``GROUP_TIMEOUT``). ``None`` when the ranks are in step again, else why they are not."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return "the process group is gone"
+    try:  # a barrier, as a 1-element all-reduce on the suite's device (the only one a cuda:gloo group takes)
+        dist.all_reduce(torch.zeros(1, device=DEVICE))
+    except Exception as error:  # a rank still inside a collective of the failed run, or gone
+        return f"the ranks could not re-synchronise ({type(error).__name__}: {str(error)[:300]})"
+    return None
+
+
 def _run_batch(specs: dict[str, tuple[str, Any]], shared: bool, tmp_dir: str) -> dict[str, Any]:
-    """In each spawned process: run every spec in turn; a failure is kept as its traceback, not raised."""
+    """In each spawned process: run every spec in turn; a failure is kept as its traceback, not raised.
+
+    After a failure the ranks meet in a barrier (under the group's timeout) and go on with the next spec; only
+    when they cannot (one rank still waits in a collective of the failed run) are the remaining specs "not run".
+    """
     if shared:
         _share_one_device()
     import lightning_optx  # noqa: F401
 
     out: dict[str, Any] = {}
-    failed = None
+    lost = None
     for key, (kind, payload) in specs.items():
-        if failed is not None:  # the ranks may be out of step in their collectives now
-            out[key] = {"__error__": f"not run: {failed!r} failed before it in the same processes"}
+        if lost is not None:
+            out[key] = {"__error__": f"not run: {lost}"}
             continue
         try:
             if kind == "fit":
@@ -106,7 +131,9 @@ def _run_batch(specs: dict[str, tuple[str, Any]], shared: bool, tmp_dir: str) ->
                 out[key] = check_resume_equivalence(job, total, split, os.path.join(tmp_dir, key), world_size=1)
         except BaseException:
             out[key] = {"__error__": traceback.format_exc()}
-            failed = key
+            why = _resynchronise()
+            if why is not None:
+                lost = f"{key!r} failed before it in the same processes, and then {why}"
     return out
 
 
@@ -177,12 +204,17 @@ def _callback_jobs() -> dict[str, TrainJob]:
 
 
 CALLBACKS = ["grokfast", "grades", "dropout", "surgery", "privacy"]
+FP16_POWERSGD = "ddp_powersgd_16_mixed"
 
 
 @pytest.fixture(scope="module")
 def shared() -> Iterator[dict[str, list[Any]]]:
-    specs: dict[str, tuple[str, Any]] = {f: ("fit", flag_job(f, SHARED_BACKEND, shared=True)) for f in FLAGS}
-    specs.update({f"cb_{k}": ("fit", j) for k, j in _callback_jobs().items()})
+    # plain DDP with each callback first, then the flags (least risky first, diloco_x last, after fp16 PowerSGD)
+    specs: dict[str, tuple[str, Any]] = {f"cb_{k}": ("fit", j) for k, j in _callback_jobs().items()}
+    specs.update({f: ("fit", flag_job(f, SHARED_BACKEND, shared=True)) for f in FLAGS if f != "diloco_x"})
+    specs[FP16_POWERSGD] = ("fit", flag_job("ddp_powersgd", SHARED_BACKEND, shared=True, precision="16-mixed",
+                                            module=functools.partial(variant(TinyModule, "16-mixed"), **WIDE.keywords)))
+    specs["diloco_x"] = ("fit", flag_job("diloco_x", SHARED_BACKEND, shared=True))
     yield run_batch(specs, world_size=2)
 
 
@@ -212,6 +244,21 @@ def test_two_processes_sharing_the_gpu(shared, flag):
         else:  # diloco_x: PowerSGD-compressed pseudo-gradients, one sync round in flight
             assert 0 < r.series("comm/bytes_total")[-1] < 2 * PARAM_BYTES
     assert all(torch.isfinite(p).all() for p in r.params.values())
+
+
+def test_powersgd_under_fp16_skips_the_overflowing_step_on_every_rank(shared):
+    """fp16 with a real GradScaler, one step overflowing for real (tests/gpu/common.py): the ranks agree (one
+    collective on the group's device) that the gradients are not finite, average them uncompressed, and the
+    scaler skips the step; the compressor's state moves only on the finite steps."""
+    ranks = result(shared, FP16_POWERSGD)
+    assert [r.global_step for r in ranks] == [8, 8]
+    assert_ranks_identical(ranks)
+    skipped = [r.inspected["skipped_nonfinite_syncs"] for r in ranks]
+    assert skipped[0] == skipped[1] >= 1  # the planned overflow (the first steps may overflow on their own too)
+    assert all(r.inspected["iteration"] == 8 - skipped[0] for r in ranks)
+    assert all(r.inspected["scale"] == 2.0**16 / 2 ** skipped[0] for r in ranks)  # halved once per skipped step
+    assert all(r.inspected["device"].startswith(DEVICE.type) and r.inspected["optimizer_on_device"] for r in ranks)
+    assert all(torch.isfinite(p).all() for p in ranks[0].params.values())
 
 
 @pytest.mark.parametrize("name", CALLBACKS)
