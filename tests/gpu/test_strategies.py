@@ -1,6 +1,7 @@
-"""Every strategy flag on the GPU: world size 1 on NCCL, and 2 processes sharing the one GPU over a group whose
-only backend takes CUDA tensors (``cuda:gloo``), so that a CPU tensor in any collective fails the run, as it
-would under NCCL; plain DDP with every callback on the same group; checkpoint and resume, bit for bit.
+"""Every strategy flag on 2 processes sharing the one GPU over a group whose only backend takes CUDA tensors
+(``cuda:gloo``), so that a CPU tensor in any collective fails the run, as it would under NCCL; plain DDP with every
+callback on the same group; fp16 PowerSGD with a skipped step. World size 1 on NCCL: test_strategies_nccl.py;
+checkpoint and resume: test_strategies_resume.py. This file holds the batch runner they share.
 
 The runs of one kind go to one spawned set of processes, one ``Trainer.fit`` after the other (Lightning keeps the
 process group between fits), and each test checks its own run's result: process start-up is paid once per kind.
@@ -31,7 +32,6 @@ from tests.gpu.device import (
     CUDA,
     DEVICE,
     SHARED_BACKEND,
-    SINGLE_BACKEND,
     on_device,
     pytestmark,
     tensors_on,
@@ -96,11 +96,10 @@ def _share_one_device() -> None:
     os.environ["LOCAL_RANK"] = "0"
 
 
-def _outcomes(tmp_dir: str, key: str, failed: bool) -> list[bool] | None:
+def _outcomes(tmp_dir: str, key: str, failed: bool, rank: int, world_size: int) -> list[bool] | None:
     """Every rank's "did ``key`` fail?", exchanged through files, not the process group (a rank still waiting in a
     collective of a failed run would take a barrier for its own message: gloo aborts on such a mismatch). A rank
     stuck in a collective leaves it within the group's timeout, so waiting twice as long tells a lost rank (None)."""
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     path = os.path.join(tmp_dir, f"{key}.outcome")
     with open(f"{path}{rank}.tmp", "w") as f:
         f.write("failed" if failed else "ok")
@@ -128,6 +127,7 @@ def _run_batch(specs: dict[str, tuple[str, Any]], shared: bool, tmp_dir: str) ->
     they all drop the process group and go on with the next spec. Only when a rank does not come back from a
     failed spec in time are the remaining specs "not run".
     """
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])  # before a fit's teardown unsets them
     if shared:
         _share_one_device()
     import lightning_optx  # noqa: F401
@@ -148,17 +148,17 @@ def _run_batch(specs: dict[str, tuple[str, Any]], shared: bool, tmp_dir: str) ->
         except BaseException:
             out[key] = {"__error__": traceback.format_exc()}
             failed = True
-        outcomes = _outcomes(tmp_dir, key, failed)
+        outcomes = _outcomes(tmp_dir, key, failed, rank, world_size)
         if outcomes is None:
             lost = f"{key!r} did not end on every rank within twice the group's timeout"
         elif any(outcomes):
             _fresh_process_group()
-        torch.save(out, _partial_path(tmp_dir))  # what is done so far survives the batch's time limit
+        torch.save(out, _partial_path(tmp_dir, rank))  # what is done so far survives the batch's time limit
     return out
 
 
-def _partial_path(tmp_dir: str, rank: int | None = None) -> str:
-    return os.path.join(tmp_dir, f"done_rank{os.environ['RANK'] if rank is None else rank}.pt")
+def _partial_path(tmp_dir: str, rank: int) -> str:
+    return os.path.join(tmp_dir, f"done_rank{rank}.pt")
 
 
 def _partial_results(tmp_dir: str, world_size: int) -> list[dict[str, Any]]:
@@ -190,28 +190,6 @@ def result(batch: dict[str, list[Any]], key: str) -> list[Any]:
     if errors:
         pytest.fail(f"{key} failed\n" + "\n".join(errors), pytrace=False)
     return batch[key]
-
-
-# ---------------------------------------------------------------- world size 1, NCCL
-
-
-@pytest.fixture(scope="module")
-def single() -> Iterator[dict[str, list[Any]]]:
-    yield run_batch({flag: ("fit", flag_job(flag, SINGLE_BACKEND, shared=False)) for flag in FLAGS}, world_size=1)
-
-
-@pytest.mark.parametrize("flag", FLAGS)
-def test_world_size_one_on_nccl(single, flag):
-    [r] = result(single, flag)
-    assert r.global_step == 16
-    assert r.inspected["device"].startswith(DEVICE.type) and r.inspected["optimizer_on_device"]
-    assert all(torch.isfinite(p).all() for p in r.params.values())
-    pl.seed_everything(7, verbose=False)  # the runner's seed: the initial parameters
-    initial = dict(WIDE().named_parameters())
-    assert any(not torch.equal(p.cpu(), initial[n].detach()) for n, p in r.params.items())
-    if flag == "diloco":  # one rank: after each sync (16 = 4 x 4) it continues from the global parameters
-        for n, g in r.inspected["global"].items():
-            torch.testing.assert_close(g.float().cpu(), r.params[n].float().cpu(), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- 2 processes sharing the GPU, cuda:gloo
