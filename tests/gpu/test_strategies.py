@@ -19,6 +19,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -38,7 +39,7 @@ from tests.gpu.device import (
 )
 from tests.helpers import TrainJob, assert_ranks_identical, assert_tree_equal, check_resume_equivalence
 from tests.helpers.models import MultiTaskModule, TinyModule, make_model
-from tests.helpers.runner import _fit, _spawn
+from tests.helpers.runner import _fit, _free_port, _spawn
 
 # least risky first: a batch's runs share two processes, and a run that breaks their process group stops the rest
 # (see _run_batch); diloco_x (a sync round in flight on a background thread) goes last
@@ -96,28 +97,32 @@ def _share_one_device() -> None:
     os.environ["LOCAL_RANK"] = "0"
 
 
-def _outcomes(tmp_dir: str, key: str, failed: bool, rank: int, world_size: int) -> list[bool] | None:
+def _outcomes(tmp_dir: str, key: str, failed: bool, rank: int, world_size: int) -> tuple[list[bool], int] | None:
     """Every rank's "did ``key`` fail?", exchanged through files, not the process group (a rank still waiting in a
     collective of a failed run would take a barrier for its own message: gloo aborts on such a mismatch). A rank
-    stuck in a collective leaves it within the group's timeout, so waiting twice as long tells a lost rank (None)."""
+    stuck in a collective leaves it within the group's timeout, so waiting twice as long tells a lost rank (None).
+    Rank 0 also offers a free port, for the process group that follows a failure."""
     path = os.path.join(tmp_dir, f"{key}.outcome")
     with open(f"{path}{rank}.tmp", "w") as f:
-        f.write("failed" if failed else "ok")
+        f.write(f"{'failed' if failed else 'ok'} {_free_port() if rank == 0 else 0}")
     os.replace(f"{path}{rank}.tmp", f"{path}{rank}")
     deadline = time.monotonic() + 2 * GROUP_TIMEOUT.total_seconds() + 30
     while time.monotonic() < deadline:
         if all(os.path.exists(f"{path}{r}") for r in range(world_size)):
-            return [open(f"{path}{r}").read() == "failed" for r in range(world_size)]
+            words = [Path(f"{path}{r}").read_text().split() for r in range(world_size)]
+            return [w[0] == "failed" for w in words], int(words[0][1])
         time.sleep(0.1)
     return None
 
 
-def _fresh_process_group() -> None:
-    """After a failed run the group may hold half-done collectives: drop it; the next fit initialises a new one."""
+def _fresh_process_group(port: int) -> None:
+    """After a failed run the group may hold half-done collectives: drop it; the next fit initialises a new one, on
+    a new port (the old group's store may still hold the old one)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.destroy_process_group()
+    os.environ["MASTER_PORT"] = str(port)
 
 
 def _run_batch(specs: dict[str, tuple[str, Any]], shared: bool, tmp_dir: str) -> dict[str, Any]:
@@ -151,8 +156,8 @@ def _run_batch(specs: dict[str, tuple[str, Any]], shared: bool, tmp_dir: str) ->
         outcomes = _outcomes(tmp_dir, key, failed, rank, world_size)
         if outcomes is None:
             lost = f"{key!r} did not end on every rank within twice the group's timeout"
-        elif any(outcomes):
-            _fresh_process_group()
+        elif any(outcomes[0]):
+            _fresh_process_group(outcomes[1])
         torch.save(out, _partial_path(tmp_dir, rank))  # what is done so far survives the batch's time limit
     return out
 
