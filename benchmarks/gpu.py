@@ -26,8 +26,9 @@ Run::
     python benchmarks/gpu.py                        # on a GPU: the real figures (about 3 minutes on an H200)
     python benchmarks/gpu.py --device cpu --tiny    # a dry run of every part on tiny sizes (under a minute)
 
-Prints ``name: value`` lines, writes ``benchmarks/results/gpu/gpu.json`` and ``gpu.png`` (``gpu_<device>_tiny``
-with ``--tiny``, or under ``--out``).
+Prints ``name: value`` lines, writes ``gpu.json`` (after every part) and ``gpu.png`` (``gpu_<device>_tiny``
+with ``--tiny``) under ``--out DIR`` (default ``benchmarks/results/gpu``; on a lent device machine, ``$OUT``: only
+what is written there comes back).
 """
 
 from __future__ import annotations
@@ -485,14 +486,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "targets": TARGETS, "parts": {}, "seconds": {},
     }
     line("device", report["device_name"])
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = args.out / f"{name}.json", args.out / f"{name}.png"
     for part in args.parts.split(","):
         start = time.perf_counter()
         report["parts"][part] = PARTS[part](cfg, device)
         report["seconds"][part] = time.perf_counter() - start
         line(f"{part}/seconds", round(report["seconds"][part], 1))
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = args.out / f"{name}.json", args.out / f"{name}.png"
-    json_path.write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
+        # after every part: a run stopped by a time limit still leaves the figures of the parts it finished
+        json_path.write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
     plot(report, png_path)
     line("json", json_path)
     line("png", png_path)

@@ -1,6 +1,7 @@
-"""Every strategy flag on the GPU: world size 1 on NCCL, and 2 processes sharing the one GPU over a group whose
-only backend takes CUDA tensors (``cuda:gloo``), so that a CPU tensor in any collective fails the run, as it
-would under NCCL; plain DDP with every callback on the same group; checkpoint and resume, bit for bit.
+"""Every strategy flag on 2 processes sharing the one GPU over a group whose only backend takes CUDA tensors
+(``cuda:gloo``), so that a CPU tensor in any collective fails the run, as it would under NCCL; plain DDP with every
+callback on the same group; fp16 PowerSGD with a skipped step. World size 1 on NCCL: test_strategies_nccl.py;
+checkpoint and resume: test_strategies_resume.py. This file holds the batch runner they share.
 
 The runs of one kind go to one spawned set of processes, one ``Trainer.fit`` after the other (Lightning keeps the
 process group between fits), and each test checks its own run's result: process start-up is paid once per kind.
@@ -14,9 +15,11 @@ import functools
 import importlib.util
 import os
 import tempfile
+import time
 import traceback
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -25,25 +28,29 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 
 from lightning_optx import CompressedDDPStrategy, DiLoCoStrategy, DropoutSchedule, GradES, GradientSurgery, Grokfast
+from tests.gpu.common import variant
 from tests.gpu.device import (
     CUDA,
     DEVICE,
     SHARED_BACKEND,
-    SINGLE_BACKEND,
     on_device,
     pytestmark,
     tensors_on,
 )
 from tests.helpers import TrainJob, assert_ranks_identical, assert_tree_equal, check_resume_equivalence
 from tests.helpers.models import MultiTaskModule, TinyModule, make_model
-from tests.helpers.runner import _fit, _spawn
+from tests.helpers.runner import _fit, _free_port, _spawn
 
-FLAGS = ["local_sgd", "diloco", "diloco_x", "ddp_powersgd", "ddp_topk", "ddp_sign", "ddp_fp16", "ddp_bf16"]
+# least risky first: a batch's runs share two processes, and a run that breaks their process group stops the rest
+# (see _run_batch); diloco_x (a sync round in flight on a background thread) goes last
+FLAGS = ["ddp_fp16", "ddp_bf16", "ddp_sign", "ddp_topk", "ddp_powersgd", "local_sgd", "diloco", "diloco_x"]
 # short runs: sync every few steps instead of the registered defaults (local_sgd 8, DiLoCo 500); nothing else changes
 SYNC_ARGUMENT = {"local_sgd": "period", "diloco": "inner_steps", "diloco_x": "inner_steps"}
 WIDE = functools.partial(TinyModule, model="wide_mlp", optimizer="sgd", lr=0.05)
 PARAM_BYTES = sum(p.numel() * 4 for p in make_model("wide_mlp").parameters())
-TIMEOUT_S = 420.0 if CUDA else 2400.0  # one batch of runs (the CPU self-check runs them on 2 shared cores)
+# one batch of runs: on a GPU, inside the 330 s the device command gives the whole suite (tests/gpu/run_on_device.sh);
+# the CPU self-check runs them on 2 shared cores
+TIMEOUT_S = 280.0 if CUDA else 2400.0
 # a rank whose run failed goes on to the next one; the other must not wait for it in a collective for 30 minutes
 GROUP_TIMEOUT = timedelta(seconds=90)
 pytestmark = [*pytestmark, pytest.mark.timeout(TIMEOUT_S + 60)]  # a batch runs inside its first test's fixture
@@ -66,15 +73,19 @@ def facts(trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, Any]:
         shapes = [torch.empty(p.shape) for _, p in s._named_trainable_params()]
         out["payload"] = s.compressor.payload_bytes(shapes, trainer.world_size)
         out["iteration"] = s.compressor.iteration
+        out["skipped_nonfinite_syncs"] = s.skipped_nonfinite_syncs
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    out["scale"] = float(scaler.get_scale()) if scaler is not None else None
     if isinstance(s, DiLoCoStrategy):
         out["global"] = {n: t.clone() for n, t in s.global_state_dict().items()}
     return out
 
 
-def flag_job(flag: str, backend: str, shared: bool, module: Any = WIDE, every: int = 4) -> TrainJob:
+def flag_job(flag: str, backend: str, shared: bool, module: Any = WIDE, every: int = 4,
+             precision: str = "32-true") -> TrainJob:
     kwargs = {"max_epochs": 2, "num_nodes": 2} if shared else {"max_epochs": 2}
     return on_device(TrainJob(module=module, strategy=flag_strategy(flag, backend, every), trainer_kwargs=kwargs,
-                              inspect=facts))
+                              inspect=facts), precision)
 
 
 # ---------------------------------------------------------------- running a batch of fits in spawned processes
@@ -86,18 +97,53 @@ def _share_one_device() -> None:
     os.environ["LOCAL_RANK"] = "0"
 
 
+def _outcomes(tmp_dir: str, key: str, failed: bool, rank: int, world_size: int) -> tuple[list[bool], int] | None:
+    """Every rank's "did ``key`` fail?", exchanged through files, not the process group (a rank still waiting in a
+    collective of a failed run would take a barrier for its own message: gloo aborts on such a mismatch). A rank
+    stuck in a collective leaves it within the group's timeout, so waiting twice as long tells a lost rank (None).
+    Rank 0 also offers a free port, for the process group that follows a failure."""
+    path = os.path.join(tmp_dir, f"{key}.outcome")
+    with open(f"{path}{rank}.tmp", "w") as f:
+        f.write(f"{'failed' if failed else 'ok'} {_free_port() if rank == 0 else 0}")
+    os.replace(f"{path}{rank}.tmp", f"{path}{rank}")
+    deadline = time.monotonic() + 2 * GROUP_TIMEOUT.total_seconds() + 30
+    while time.monotonic() < deadline:
+        if all(os.path.exists(f"{path}{r}") for r in range(world_size)):
+            words = [Path(f"{path}{r}").read_text().split() for r in range(world_size)]
+            return [w[0] == "failed" for w in words], int(words[0][1])
+        time.sleep(0.1)
+    return None
+
+
+def _fresh_process_group(port: int) -> None:
+    """After a failed run the group may hold half-done collectives: drop it; the next fit initialises a new one, on
+    a new port (the old group's store may still hold the old one)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ["MASTER_PORT"] = str(port)
+
+
 def _run_batch(specs: dict[str, tuple[str, Any]], shared: bool, tmp_dir: str) -> dict[str, Any]:
-    """In each spawned process: run every spec in turn; a failure is kept as its traceback, not raised."""
+    """In each spawned process: run every spec in turn; a failure is kept as its traceback, not raised.
+
+    After each spec the ranks tell each other whether it failed (:func:`_outcomes`); after a failure on any rank
+    they all drop the process group and go on with the next spec. Only when a rank does not come back from a
+    failed spec in time are the remaining specs "not run".
+    """
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])  # before a fit's teardown unsets them
     if shared:
         _share_one_device()
     import lightning_optx  # noqa: F401
 
     out: dict[str, Any] = {}
-    failed = None
+    lost = None
     for key, (kind, payload) in specs.items():
-        if failed is not None:  # the ranks may be out of step in their collectives now
-            out[key] = {"__error__": f"not run: {failed!r} failed before it in the same processes"}
+        if lost is not None:
+            out[key] = {"__error__": f"not run: {lost}"}
             continue
+        failed = False
         try:
             if kind == "fit":
                 out[key] = _fit(payload, world_size=1)  # world size from the job's num_nodes
@@ -106,8 +152,27 @@ def _run_batch(specs: dict[str, tuple[str, Any]], shared: bool, tmp_dir: str) ->
                 out[key] = check_resume_equivalence(job, total, split, os.path.join(tmp_dir, key), world_size=1)
         except BaseException:
             out[key] = {"__error__": traceback.format_exc()}
-            failed = key
+            failed = True
+        outcomes = _outcomes(tmp_dir, key, failed, rank, world_size)
+        if outcomes is None:
+            lost = f"{key!r} did not end on every rank within twice the group's timeout"
+        elif any(outcomes[0]):
+            _fresh_process_group(outcomes[1])
+        torch.save(out, _partial_path(tmp_dir, rank))  # what is done so far survives the batch's time limit
     return out
+
+
+def _partial_path(tmp_dir: str, rank: int) -> str:
+    return os.path.join(tmp_dir, f"done_rank{rank}.pt")
+
+
+def _partial_results(tmp_dir: str, world_size: int) -> list[dict[str, Any]]:
+    """Each rank's results of the specs it finished before the batch stopped."""
+    per_rank = []
+    for rank in range(world_size):
+        path = _partial_path(tmp_dir, rank)
+        per_rank.append(torch.load(path, weights_only=False) if os.path.exists(path) else {})
+    return per_rank
 
 
 def run_batch(specs: dict[str, tuple[str, Any]], world_size: int) -> dict[str, list[Any]]:
@@ -115,7 +180,12 @@ def run_batch(specs: dict[str, tuple[str, Any]], world_size: int) -> dict[str, l
     with tempfile.TemporaryDirectory() as tmp:
         for key in specs:
             os.makedirs(os.path.join(tmp, key))
-        per_rank = _spawn(_run_batch, (specs, world_size > 1, tmp), world_size, TIMEOUT_S)
+        try:
+            per_rank = _spawn(_run_batch, (specs, world_size > 1, tmp), world_size, TIMEOUT_S)
+        except (TimeoutError, RuntimeError) as error:  # hung or crashed: keep the specs that finished
+            per_rank = _partial_results(tmp, world_size)
+            missing = {"__error__": f"not finished: the batch stopped ({str(error)[-2000:]})"}
+            per_rank = [{key: ranks.get(key, missing) for key in specs} for ranks in per_rank]
     return {key: [ranks[key] for ranks in per_rank] for key in specs}
 
 
@@ -125,28 +195,6 @@ def result(batch: dict[str, list[Any]], key: str) -> list[Any]:
     if errors:
         pytest.fail(f"{key} failed\n" + "\n".join(errors), pytrace=False)
     return batch[key]
-
-
-# ---------------------------------------------------------------- world size 1, NCCL
-
-
-@pytest.fixture(scope="module")
-def single() -> Iterator[dict[str, list[Any]]]:
-    yield run_batch({flag: ("fit", flag_job(flag, SINGLE_BACKEND, shared=False)) for flag in FLAGS}, world_size=1)
-
-
-@pytest.mark.parametrize("flag", FLAGS)
-def test_world_size_one_on_nccl(single, flag):
-    [r] = result(single, flag)
-    assert r.global_step == 16
-    assert r.inspected["device"].startswith(DEVICE.type) and r.inspected["optimizer_on_device"]
-    assert all(torch.isfinite(p).all() for p in r.params.values())
-    pl.seed_everything(7, verbose=False)  # the runner's seed: the initial parameters
-    initial = dict(WIDE().named_parameters())
-    assert any(not torch.equal(p.cpu(), initial[n].detach()) for n, p in r.params.items())
-    if flag == "diloco":  # one rank: after each sync (16 = 4 x 4) it continues from the global parameters
-        for n, g in r.inspected["global"].items():
-            torch.testing.assert_close(g.float().cpu(), r.params[n].float().cpu(), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- 2 processes sharing the GPU, cuda:gloo
@@ -177,12 +225,17 @@ def _callback_jobs() -> dict[str, TrainJob]:
 
 
 CALLBACKS = ["grokfast", "grades", "dropout", "surgery", "privacy"]
+FP16_POWERSGD = "ddp_powersgd_16_mixed"
 
 
 @pytest.fixture(scope="module")
 def shared() -> Iterator[dict[str, list[Any]]]:
-    specs: dict[str, tuple[str, Any]] = {f: ("fit", flag_job(f, SHARED_BACKEND, shared=True)) for f in FLAGS}
-    specs.update({f"cb_{k}": ("fit", j) for k, j in _callback_jobs().items()})
+    # plain DDP with each callback first, then the flags (least risky first, diloco_x last, after fp16 PowerSGD)
+    specs: dict[str, tuple[str, Any]] = {f"cb_{k}": ("fit", j) for k, j in _callback_jobs().items()}
+    specs.update({f: ("fit", flag_job(f, SHARED_BACKEND, shared=True)) for f in FLAGS if f != "diloco_x"})
+    specs[FP16_POWERSGD] = ("fit", flag_job("ddp_powersgd", SHARED_BACKEND, shared=True, precision="16-mixed",
+                                            module=functools.partial(variant(TinyModule, "16-mixed"), **WIDE.keywords)))
+    specs["diloco_x"] = ("fit", flag_job("diloco_x", SHARED_BACKEND, shared=True))
     yield run_batch(specs, world_size=2)
 
 
@@ -212,6 +265,21 @@ def test_two_processes_sharing_the_gpu(shared, flag):
         else:  # diloco_x: PowerSGD-compressed pseudo-gradients, one sync round in flight
             assert 0 < r.series("comm/bytes_total")[-1] < 2 * PARAM_BYTES
     assert all(torch.isfinite(p).all() for p in r.params.values())
+
+
+def test_powersgd_under_fp16_skips_the_overflowing_step_on_every_rank(shared):
+    """fp16 with a real GradScaler, one step overflowing for real (tests/gpu/common.py): the ranks agree (one
+    collective on the group's device) that the gradients are not finite, average them uncompressed, and the
+    scaler skips the step; the compressor's state moves only on the finite steps."""
+    ranks = result(shared, FP16_POWERSGD)
+    assert [r.global_step for r in ranks] == [8, 8]
+    assert_ranks_identical(ranks)
+    skipped = [r.inspected["skipped_nonfinite_syncs"] for r in ranks]
+    assert skipped[0] == skipped[1] >= 1  # the planned overflow (the first steps may overflow on their own too)
+    assert all(r.inspected["iteration"] == 8 - skipped[0] for r in ranks)
+    assert all(r.inspected["scale"] == 2.0**16 / 2 ** skipped[0] for r in ranks)  # halved once per skipped step
+    assert all(r.inspected["device"].startswith(DEVICE.type) and r.inspected["optimizer_on_device"] for r in ranks)
+    assert all(torch.isfinite(p).all() for p in ranks[0].params.values())
 
 
 @pytest.mark.parametrize("name", CALLBACKS)

@@ -37,11 +37,12 @@ def callback_job(name: str) -> tuple[TrainJob, int]:
 @pytest.fixture(scope="module")
 def resumed() -> Iterator[dict[str, list[Any]]]:
     adamw = functools.partial(TinyModule, model="wide_mlp", optimizer="adamw", lr=1e-2)
-    specs: dict[str, tuple[str, Any]] = {
-        f: ("resume", (flag_job(f, SHARED_BACKEND, shared=True, module=adamw, every=3), 3, 1)) for f in FLAGS}
-    for name in CALLBACKS:
+    specs: dict[str, tuple[str, Any]] = {}
+    for name in CALLBACKS:  # plain DDP first, then the flags, least risky first (FLAGS' order)
         job, epochs = callback_job(name)
         specs[f"cb_{name}"] = ("resume", (job, epochs, epochs // 2))
+    for f in FLAGS:
+        specs[f] = ("resume", (flag_job(f, SHARED_BACKEND, shared=True, module=adamw, every=3), 3, 1))
     yield run_batch(specs, world_size=2)
 
 
