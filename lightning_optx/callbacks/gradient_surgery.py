@@ -105,6 +105,7 @@ class GradientSurgery(Callback):
         self._originals: dict[str, Callable[..., Any]] = {}
         self._trainer: pl.Trainer | None = None
         self._sync_bytes = 0
+        self._donated_buffer: bool | None = None  # torch._functorch.config.donated_buffer before the fit
 
     @property
     def state_key(self) -> str:
@@ -122,6 +123,29 @@ class GradientSurgery(Callback):
         if type(strategy) not in (SingleDeviceStrategy, DDPStrategy):
             raise ValueError(f"GradientSurgery supports single-device training and Lightning's DDPStrategy, got "
                              f"{type(strategy).__name__}: it averages each task's gradient across ranks itself.")
+        self._disable_donated_buffers()
+
+    def _disable_donated_buffers(self) -> None:
+        """torch.compile (AOTAutograd) donates the saved tensors of a compiled backward it expects to run once;
+        a region whose backward is first built by the last task's ``autograd.grad`` (``retain_graph=False``)
+        and later run with ``retain_graph=True`` by an earlier task then raises. The flag is read when the
+        backward is compiled and again when it runs, so it is switched off for the whole fit."""
+        import torch._functorch.config as functorch_config
+
+        if self._donated_buffer is None:
+            self._donated_buffer = bool(functorch_config.donated_buffer)
+        functorch_config.donated_buffer = False
+
+    def _restore_donated_buffers(self) -> None:
+        import torch._functorch.config as functorch_config
+
+        if self._donated_buffer is not None:
+            functorch_config.donated_buffer = self._donated_buffer
+            self._donated_buffer = None
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._restore_donated_buffers()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trainer = trainer
@@ -131,9 +155,11 @@ class GradientSurgery(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore(pl_module)
+        self._restore_donated_buffers()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore(pl_module)
+        self._restore_donated_buffers()
 
     def _restore(self, pl_module: pl.LightningModule) -> None:
         for name in self._originals:
