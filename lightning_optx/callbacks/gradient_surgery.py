@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -17,6 +16,14 @@ from torch.nn import Parameter
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
+from lightning_optx.callbacks._surgery_buffers import (
+    common_dtype,
+    disable_donated_buffers,
+    flatten_into,
+    restore_donated_buffers,
+    unflatten_into_grads,
+    width_of,
+)
 from lightning_optx.distributed import Communicator, all_reduce_mean_coalesced_
 from lightning_optx.functional import surgery as S
 
@@ -39,8 +46,11 @@ class GradientSurgery(Callback):
     is picked up at that step: it becomes task-specific, or shared (appended to the aggregated layout, its
     method state starting at zero) once two tasks have reached it. Trainable parameters no task reached at
     the first step are named in a warning. Under DDP the ranks agree on what was reached (one small
-    all-reduce), so they keep the same layout. ``training_step`` returning ``None`` skips the batch, as in
-    Lightning (single device only: under DDP the ranks would disagree).
+    all-reduce), so they keep the same layout. A shared parameter no task reached in an optimizer step keeps
+    ``.grad = None``, as in plain training. The trainable parameters are read at every backward (gradual
+    unfreezing is followed); while nothing is shared yet, the gradients pass through unchanged.
+    ``training_step`` returning ``None`` skips the batch, as in Lightning (single device only: under DDP the
+    ranks would disagree).
 
     Gradient accumulation: per-task gradients are summed over the micro-batches and aggregated once, at the
     last micro-batch of the optimizer step. AMP: the aggregation sees unscaled gradients and writes its result
@@ -126,21 +136,12 @@ class GradientSurgery(Callback):
         self._disable_donated_buffers()
 
     def _disable_donated_buffers(self) -> None:
-        """torch.compile (AOTAutograd) donates the saved tensors of a compiled backward it expects to run once;
-        a region whose backward is first built by the last task's ``autograd.grad`` (``retain_graph=False``)
-        and later run with ``retain_graph=True`` by an earlier task then raises. The flag is read when the
-        backward is compiled and again when it runs, so it is switched off for the whole fit."""
-        import torch._functorch.config as functorch_config
-
         if self._donated_buffer is None:
-            self._donated_buffer = bool(functorch_config.donated_buffer)
-        functorch_config.donated_buffer = False
+            self._donated_buffer = disable_donated_buffers()
 
     def _restore_donated_buffers(self) -> None:
-        import torch._functorch.config as functorch_config
-
         if self._donated_buffer is not None:
-            functorch_config.donated_buffer = self._donated_buffer
+            restore_donated_buffers(self._donated_buffer)
             self._donated_buffer = None
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -245,7 +246,7 @@ class GradientSurgery(Callback):
         shared_ids = {id(p) for p in shared_params}
         accumulate = self._buffers is not None
         if self._buffers is None and shared_params:
-            self._buffers = torch.empty(len(names), _width(shared_params), dtype=_common_dtype(shared_params),
+            self._buffers = torch.empty(len(names), width_of(shared_params), dtype=common_dtype(shared_params),
                                         device=shared_params[0].device)
         local_reached = torch.zeros(len(names), len(params), dtype=torch.float32)
         specific: list[dict[int, Tensor]] = []
@@ -254,7 +255,7 @@ class GradientSurgery(Callback):
                                         retain_graph=t < len(names) - 1, allow_unused=True)
             local_reached[t] = torch.tensor([g is not None for g in grads], dtype=torch.float32)
             if self._buffers is not None:
-                _flatten_into(self._buffers[t], [None if k is None else grads[k] for k in shared_positions],
+                flatten_into(self._buffers[t], [None if k is None else grads[k] for k in shared_positions],
                               shared_params, accumulate)
             specific.append({k: g for k, g in enumerate(grads) if g is not None and id(params[k]) not in shared_ids})
             del grads
@@ -289,9 +290,9 @@ class GradientSurgery(Callback):
         """The layout grew: pad the buffers (or create them), and move what this and earlier micro-batches gave
         a newly shared parameter as a task-specific one into its task's row."""
         shared_params = [p for _, p in self._shared]
-        width = _width(shared_params)
+        width = width_of(shared_params)
         if self._buffers is None:
-            self._buffers = torch.zeros(num_tasks, width, dtype=_common_dtype(shared_params),
+            self._buffers = torch.zeros(num_tasks, width, dtype=common_dtype(shared_params),
                                         device=shared_params[0].device)
             old = 0
         else:
@@ -336,7 +337,7 @@ class GradientSurgery(Callback):
             if scaler is not None:
                 combined = combined * scale
         # a shared parameter no task reached in this step keeps .grad None, as in plain training
-        _unflatten_into_grads(combined, [p for _, p in self._shared], reached)
+        unflatten_into_grads(combined, [p for _, p in self._shared], reached)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: Optimizer) -> None:
@@ -438,42 +439,3 @@ class GradientSurgery(Callback):
         self.skipped_nonfinite_steps = int(state_dict["skipped_nonfinite_steps"])
         if self.shared_spec is None and state_dict.get("shared"):
             self._saved_shared_names = list(state_dict["shared"])
-
-
-def _flatten_into(row: Tensor, grads: Sequence[Tensor | None], params: Sequence[Parameter], accumulate: bool) -> None:
-    """Write (or add) the flattened ``grads`` into ``row``; a missing gradient is zero."""
-    offset = 0
-    for g, p in zip(grads, params):
-        piece = row[offset : offset + p.numel()]
-        if g is not None and accumulate:
-            piece.add_(g.reshape(-1))
-        elif g is not None:
-            piece.copy_(g.reshape(-1))
-        elif not accumulate:
-            piece.zero_()
-        offset += p.numel()
-
-
-def _width(params: Sequence[Parameter]) -> int:
-    return sum(p.numel() for p in params)
-
-
-def _common_dtype(params: Sequence[Parameter]) -> torch.dtype:
-    return functools.reduce(torch.promote_types, [p.dtype for p in params])
-
-
-def _unflatten_into_grads(flat: Tensor, params: Sequence[Parameter], reached: set[int]) -> None:
-    """Write ``flat`` (a fresh tensor nobody else holds) into the ``.grad`` of the ``reached`` parameters: a
-    missing ``.grad`` becomes a view of it (no copy, as DDP's ``gradient_as_bucket_view``), an existing one is
-    overwritten. The others' ``.grad`` is left alone."""
-    offset = 0
-    for p in params:
-        if id(p) not in reached:
-            offset += p.numel()
-            continue
-        piece = flat[offset: offset + p.numel()].view_as(p).to(p.dtype)
-        if p.grad is None:
-            p.grad = piece
-        else:
-            p.grad.copy_(piece)
-        offset += p.numel()
