@@ -245,6 +245,9 @@ def gcond(
       a projection, cosine 0 up to rounding of either sign, is not re-arbitrated), cosines within ``tol`` of
       the lowest are ties (broken by index), and the challenger wins only with a score higher by more than
       ``tol``. No decision depends on the direction of rounding, where the reference's exact comparisons do.
+      A resolved gradient whose squared norm fell below :data:`RESOLVED_FLOOR` (1e-5) of its own before the
+      loop is out of the arbitration in every dtype (:func:`_gcond_floors`); the reference keeps arbitrating
+      what is by then rounding noise, so its float32 and float64 decisions can differ.
     * The stochastic mode ("stochastic accumulation": each loss accumulated over its own share of the
       micro-batches) concerns how the per-task gradients are computed, not how they are combined: it is the
       caller's business (the callback's), not this function's. The Lion/LARS update (``use_lion``) needs the
