@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -17,6 +16,14 @@ from torch.nn import Parameter
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
+from lightning_optx.callbacks._surgery_buffers import (
+    common_dtype,
+    disable_donated_buffers,
+    flatten_into,
+    restore_donated_buffers,
+    unflatten_into_grads,
+    width_of,
+)
 from lightning_optx.distributed import Communicator, all_reduce_mean_coalesced_
 from lightning_optx.functional import surgery as S
 
@@ -39,8 +46,11 @@ class GradientSurgery(Callback):
     is picked up at that step: it becomes task-specific, or shared (appended to the aggregated layout, its
     method state starting at zero) once two tasks have reached it. Trainable parameters no task reached at
     the first step are named in a warning. Under DDP the ranks agree on what was reached (one small
-    all-reduce), so they keep the same layout. ``training_step`` returning ``None`` skips the batch, as in
-    Lightning (single device only: under DDP the ranks would disagree).
+    all-reduce), so they keep the same layout. A shared parameter no task reached in an optimizer step keeps
+    ``.grad = None``, as in plain training. The trainable parameters are read at every backward (gradual
+    unfreezing is followed); while nothing is shared yet, the gradients pass through unchanged.
+    ``training_step`` returning ``None`` skips the batch, as in Lightning (single device only: under DDP the
+    ranks would disagree).
 
     Gradient accumulation: per-task gradients are summed over the micro-batches and aggregated once, at the
     last micro-batch of the optimizer step. AMP: the aggregation sees unscaled gradients and writes its result
@@ -93,6 +103,8 @@ class GradientSurgery(Callback):
         self._task_names: list[str] | None = None
         self._trainable: list[tuple[str, Parameter]] = []
         self._shared: list[tuple[str, Parameter]] = []
+        self._spec: set[int] = set()  # ids of the parameters `shared` names
+        self._reached_shared: set[int] = set()  # shared parameters some task reached in this optimizer step
         self._saved_shared_names: list[str] | None = None  # the layout of a checkpoint, restored on resume
         # task-specific gradients of this optimizer step, per task, written to .grad when it is aggregated
         self._pending_specific: dict[int, tuple[Parameter, dict[int, Tensor]]] = {}
@@ -103,6 +115,7 @@ class GradientSurgery(Callback):
         self._originals: dict[str, Callable[..., Any]] = {}
         self._trainer: pl.Trainer | None = None
         self._sync_bytes = 0
+        self._donated_buffer: bool | None = None  # torch._functorch.config.donated_buffer before the fit
 
     @property
     def state_key(self) -> str:
@@ -120,6 +133,20 @@ class GradientSurgery(Callback):
         if type(strategy) not in (SingleDeviceStrategy, DDPStrategy):
             raise ValueError(f"GradientSurgery supports single-device training and Lightning's DDPStrategy, got "
                              f"{type(strategy).__name__}: it averages each task's gradient across ranks itself.")
+        self._disable_donated_buffers()
+
+    def _disable_donated_buffers(self) -> None:
+        if self._donated_buffer is None:
+            self._donated_buffer = disable_donated_buffers()
+
+    def _restore_donated_buffers(self) -> None:
+        if self._donated_buffer is not None:
+            restore_donated_buffers(self._donated_buffer)
+            self._donated_buffer = None
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._restore_donated_buffers()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trainer = trainer
@@ -129,9 +156,11 @@ class GradientSurgery(Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore(pl_module)
+        self._restore_donated_buffers()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore(pl_module)
+        self._restore_donated_buffers()
 
     def _restore(self, pl_module: pl.LightningModule) -> None:
         for name in self._originals:
@@ -168,7 +197,7 @@ class GradientSurgery(Callback):
             raise ValueError("GradientSurgery: training_step returned None under DDP; skipping a batch on one "
                              "rank is not supported (the ranks would disagree on the gradient all-reduce).")
         self._task_losses = None
-        if self._last_micro_batch and self._buffers is not None:
+        if self._last_micro_batch and (self._buffers is not None or self._pending_specific):
             self._aggregate_into_grads()
 
     def _validated_task_losses(self, output: Any) -> dict[str, Tensor]:
@@ -192,8 +221,11 @@ class GradientSurgery(Callback):
     def _per_task_backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
         """Replaces ``LightningModule.backward``: one ``autograd.grad`` per task instead of ``loss.backward()``.
 
-        Each call asks for every trainable parameter (``allow_unused``): what a task reaches is what it gets a
-        gradient for, so the shared/specific split follows the graph of every step.
+        Each call asks for every parameter trainable now (``allow_unused``; the list is rebuilt at every
+        backward, so unfreezing and re-freezing are followed): what a task reaches is what it gets a gradient
+        for, so the shared/specific split follows the graph of every step. Each task's shared gradient is
+        copied into its buffer row right after its ``autograd.grad`` call; only its task-specific gradients are
+        kept, so at most one task's full gradient is alive at a time.
         """
         assert self._trainer is not None
         losses = self._task_losses
@@ -203,55 +235,69 @@ class GradientSurgery(Callback):
         first = self._task_names is None
         if first:
             self._start(losses)
+        module = self._trainer.lightning_module
+        self._trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         scale = self._loss_scale() / self._trainer.accumulate_grad_batches
         params = [p for _, p in self._trainable]
         names = list(losses)
-        per_task = [
-            torch.autograd.grad(losses[name].reshape(()) * scale, params, retain_graph=i < len(names) - 1,
-                                allow_unused=True)
-            for i, name in enumerate(names)
-        ]
-        reached = self._reached_by_tasks(per_task)  # (T, P) bool, agreed by every rank
+        shared_params = [p for _, p in self._shared]
+        position = {id(p): k for k, p in enumerate(params)}
+        shared_positions = [position.get(id(p)) for p in shared_params]  # None: frozen now
+        shared_ids = {id(p) for p in shared_params}
+        accumulate = self._buffers is not None
+        if self._buffers is None and shared_params:
+            self._buffers = torch.empty(len(names), width_of(shared_params), dtype=common_dtype(shared_params),
+                                        device=shared_params[0].device)
+        local_reached = torch.zeros(len(names), len(params), dtype=torch.float32)
+        specific: list[dict[int, Tensor]] = []
+        for t, name in enumerate(names):
+            grads = torch.autograd.grad(losses[name].reshape(()) * scale, params,
+                                        retain_graph=t < len(names) - 1, allow_unused=True)
+            local_reached[t] = torch.tensor([g is not None for g in grads], dtype=torch.float32)
+            if self._buffers is not None:
+                flatten_into(self._buffers[t], [None if k is None else grads[k] for k in shared_positions],
+                              shared_params, accumulate)
+            specific.append({k: g for k, g in enumerate(grads) if g is not None and id(params[k]) not in shared_ids})
+            del grads
+        reached = self._agreed(local_reached)  # (T, P) bool, agreed by every rank
         if first:
             self._warn_unreached(reached)
+        self._collect_specific(params, specific, reached, shared_ids)
         grown = self._update_shared(reached)
-        self._collect_specific(params, per_task, reached)
-        position = {id(p): k for k, p in enumerate(params)}
-        shared_params = [p for _, p in self._shared]
-        width = sum(p.numel() for p in shared_params)
-        if self._buffers is not None and grown:
-            self._grow_buffers(grown, width)
-        accumulate = self._buffers is not None
-        if self._buffers is None:
-            dtype = functools.reduce(torch.promote_types, [p.dtype for p in shared_params])
-            self._buffers = torch.empty(len(per_task), width, dtype=dtype, device=shared_params[0].device)
-        for t, grads in enumerate(per_task):  # one copy of each task gradient into its row
-            _flatten_into(self._buffers[t], [grads[position[id(p)]] for p in shared_params], shared_params,
-                          accumulate)
+        if grown:
+            self._grow_buffers(grown, len(names))
+        hit = reached.any(dim=0).tolist()
+        now_shared = {id(p) for _, p in self._shared}
+        self._reached_shared |= {id(p) for k, p in enumerate(params) if hit[k] and id(p) in now_shared}
         if self._last_micro_batch:
             self._aggregate_into_grads()
 
-    def _collect_specific(self, params: list[Parameter], per_task: Sequence[Sequence[Tensor | None]],
-                          reached: Tensor) -> None:
+    def _collect_specific(self, params: list[Parameter], specific: Sequence[dict[int, Tensor]], reached: Tensor,
+                          shared_ids: set[int]) -> None:
         """Keep each reached, non-shared parameter's gradient per task until the step is aggregated."""
-        shared = {id(p) for _, p in self._shared}
         for k, p in enumerate(params):
-            if id(p) in shared or not bool(reached[:, k].any()):
+            if id(p) in shared_ids or not bool(reached[:, k].any()):
                 continue
             _, by_task = self._pending_specific.setdefault(id(p), (p, {}))
-            for t, grads in enumerate(per_task):
-                g = grads[k]
+            for t, grads in enumerate(specific):
+                g = grads.get(k)
                 if g is None and bool(reached[t, k]):
                     g = torch.zeros_like(p)  # reached on another rank only: every rank all-reduces the same set
                 if g is not None:
                     by_task[t] = g if t not in by_task else by_task[t] + g
 
-    def _grow_buffers(self, grown: list[Parameter], width: int) -> None:
-        """The layout grew mid-accumulation: pad the buffers, and move what earlier micro-batches gave a newly
-        shared parameter as a task-specific one into its task's row."""
-        assert self._buffers is not None
-        old = self._buffers.shape[1]
-        self._buffers = torch.nn.functional.pad(self._buffers, (0, width - old))
+    def _grow_buffers(self, grown: list[Parameter], num_tasks: int) -> None:
+        """The layout grew: pad the buffers (or create them), and move what this and earlier micro-batches gave
+        a newly shared parameter as a task-specific one into its task's row."""
+        shared_params = [p for _, p in self._shared]
+        width = width_of(shared_params)
+        if self._buffers is None:
+            self._buffers = torch.zeros(num_tasks, width, dtype=common_dtype(shared_params),
+                                        device=shared_params[0].device)
+            old = 0
+        else:
+            old = self._buffers.shape[1]
+            self._buffers = torch.nn.functional.pad(self._buffers, (0, width - old))
         offset = old
         for p in grown:
             entry = self._pending_specific.pop(id(p), None)
@@ -262,8 +308,9 @@ class GradientSurgery(Callback):
     # ------------------------------------------------------------------ once per optimizer step
 
     def _aggregate_into_grads(self) -> None:
-        assert self._trainer is not None and self._buffers is not None
+        assert self._trainer is not None
         buffers, self._buffers = self._buffers, None
+        reached, self._reached_shared = self._reached_shared, set()
         specific = []
         for p, by_task in self._pending_specific.values():
             total = torch.stack(list(by_task.values())).sum(0) if len(by_task) > 1 else next(iter(by_task.values()))
@@ -271,21 +318,26 @@ class GradientSurgery(Callback):
             specific.append(p.grad)
         self._pending_specific = {}
         before = self.comm.ledger.total_bytes
-        all_reduce_mean_coalesced_([buffers, *specific], self.comm, tag="task_grads")
+        all_reduce_mean_coalesced_([*([buffers] if buffers is not None else []), *specific], self.comm,
+                                   tag="task_grads")
         self._sync_bytes = self.comm.ledger.total_bytes - before
-        scale = self._loss_scale()
-        task_grads = buffers / scale if scale != 1.0 else buffers
+        if buffers is None:  # nothing shared yet: the gradients passed through unchanged
+            return
+        scaler = self._scaler()
+        scale = float(scaler.get_scale()) if scaler is not None else 1.0
+        task_grads = buffers / scale if scaler is not None else buffers
         # Only a grad scaler (fp16) produces steps it will skip; elsewhere inf/NaN means divergence anyway.
-        if scale != 1.0 and not bool(torch.isfinite(task_grads).all()):
+        if scaler is not None and not bool(torch.isfinite(task_grads).all()):
             self.skipped_nonfinite_steps += 1  # the grad scaler skips this step; leave the method's state alone
             combined = buffers.sum(0)
         else:
             if self._trainer.global_step % int(getattr(self._trainer, "log_every_n_steps", 50)) == 0:
                 self._metrics = self._surgery_metrics(task_grads)
             combined = self.aggregator(task_grads, self._trainer.global_step).to(buffers.dtype)
-            if scale != 1.0:
+            if scaler is not None:
                 combined = combined * scale
-        _unflatten_into_grads(combined, [p for _, p in self._shared])
+        # a shared parameter no task reached in this step keeps .grad None, as in plain training
+        unflatten_into_grads(combined, [p for _, p in self._shared], reached)
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: Optimizer) -> None:
@@ -303,10 +355,15 @@ class GradientSurgery(Callback):
         metrics["surgery/bytes_per_step"] = float(self._sync_bytes)
         return metrics
 
-    def _loss_scale(self) -> float:
+    def _scaler(self) -> Any:
+        """The enabled grad scaler (fp16), or None. Not ``scale != 1``: a scale can reach exactly 1.0."""
         assert self._trainer is not None
         scaler = getattr(self._trainer.precision_plugin, "scaler", None)
-        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
+    def _loss_scale(self) -> float:
+        scaler = self._scaler()
+        return float(scaler.get_scale()) if scaler is not None else 1.0
 
     # ------------------------------------------------------------------ which parameters are shared
 
@@ -315,25 +372,22 @@ class GradientSurgery(Callback):
         restored checkpoint (otherwise they are discovered step by step, :meth:`_update_shared`)."""
         assert self._trainer is not None and self._trainer.lightning_module is not None
         module = self._trainer.lightning_module
-        self._trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         self._task_names = list(losses)
-        by_name = dict(self._trainable)
+        by_name = dict(module.named_parameters())
         if self.shared_spec is not None:
-            ids = self._spec_ids()
-            self._shared = [(n, p) for n, p in self._trainable if id(p) in ids]
-            if not self._shared:
+            self._spec = self._spec_ids(list(by_name.items()))
+            if not self._spec:
                 raise ValueError("GradientSurgery found no shared parameter: `shared` matched none of the "
-                                 "trainable parameters.")
+                                 "module's parameters.")
         elif self._saved_shared_names is not None:
             missing = [n for n in self._saved_shared_names if n not in by_name]
             if missing:
-                raise ValueError(f"GradientSurgery: the checkpoint's shared parameters {missing} are not trainable "
+                raise ValueError(f"GradientSurgery: the checkpoint's shared parameters {missing} are not "
                                  "parameters of this module.")
             self._shared = [(n, by_name[n]) for n in self._saved_shared_names]
 
-    def _reached_by_tasks(self, per_task: Sequence[Sequence[Tensor | None]]) -> Tensor:
+    def _agreed(self, local: Tensor) -> Tensor:
         """``reached[t, k]``: task ``t`` reached trainable parameter ``k``, on this rank or (DDP) on any rank."""
-        local = torch.tensor([[g is not None for g in grads] for grads in per_task], dtype=torch.float32)
         if self._trainer is not None and self._trainer.world_size > 1:
             device = self._trainable[0][1].device
             agreed = local.to(device)
@@ -342,24 +396,19 @@ class GradientSurgery(Callback):
         return local > 0
 
     def _update_shared(self, reached: Tensor) -> list[Parameter]:
-        """Append the parameters reached by two tasks for the first time (discovery mode) to the layout;
-        returns those appended to a layout that already existed."""
-        grown: list[Parameter] = []
+        """Append the parameters reached by two tasks for the first time (discovery mode), or those of ``shared``
+        trainable for the first time, to the layout; returns them. While the layout is empty (nothing shared
+        yet, e.g. a frozen trunk), every gradient passes through unchanged."""
+        known = {id(p) for _, p in self._shared}
         if self.shared_spec is None:
-            known = {id(p) for _, p in self._shared}
             counts = reached.sum(dim=0).tolist()
             new = [(n, p) for (n, p), c in zip(self._trainable, counts) if c > 1 and id(p) not in known]
-            if new:
-                if self._shared:
-                    self.aggregator.grow(sum(p.numel() for _, p in new))
-                    grown = [p for _, p in new]
-                self._shared += new
-        if not self._shared:
-            raise ValueError(
-                "GradientSurgery found no shared parameter: no trainable parameter is reached by more than one "
-                f"task loss among {self._task_names}."
-            )
-        return grown
+        else:  # given: those trainable now (a frozen part of `shared` joins the layout when it is unfrozen)
+            new = [(n, p) for n, p in self._trainable if id(p) in self._spec and id(p) not in known]
+        if new and self._shared:
+            self.aggregator.grow(sum(p.numel() for _, p in new))
+        self._shared += new
+        return [p for _, p in new]
 
     def _warn_unreached(self, reached: Tensor) -> None:
         unreached = [n for (n, _), hit in zip(self._trainable, reached.any(dim=0).tolist()) if not hit]
@@ -369,14 +418,14 @@ class GradientSurgery(Callback):
                 "they get no gradient until a task reaches them (they are picked up then)."
             )
 
-    def _spec_ids(self) -> set[int]:
+    def _spec_ids(self, named: list[tuple[str, Parameter]]) -> set[int]:
         spec = self.shared_spec
         if isinstance(spec, nn.Module):
             return {id(p) for p in spec.parameters()}
         items = list(spec or [])
         if all(isinstance(s, str) for s in items):
             patterns = [re.compile(s) for s in items]
-            return {id(p) for n, p in self._trainable if any(pat.search(n) for pat in patterns)}
+            return {id(p) for n, p in named if any(pat.search(n) for pat in patterns)}
         return {id(p) for p in items}
 
     # ------------------------------------------------------------------ checkpointing
@@ -390,30 +439,3 @@ class GradientSurgery(Callback):
         self.skipped_nonfinite_steps = int(state_dict["skipped_nonfinite_steps"])
         if self.shared_spec is None and state_dict.get("shared"):
             self._saved_shared_names = list(state_dict["shared"])
-
-
-def _flatten_into(row: Tensor, grads: Sequence[Tensor | None], params: Sequence[Parameter], accumulate: bool) -> None:
-    """Write (or add) the flattened ``grads`` into ``row``; a missing gradient is zero."""
-    offset = 0
-    for g, p in zip(grads, params):
-        piece = row[offset : offset + p.numel()]
-        if g is not None and accumulate:
-            piece.add_(g.reshape(-1))
-        elif g is not None:
-            piece.copy_(g.reshape(-1))
-        elif not accumulate:
-            piece.zero_()
-        offset += p.numel()
-
-
-def _unflatten_into_grads(flat: Tensor, params: Sequence[Parameter]) -> None:
-    """Write ``flat`` (a fresh tensor nobody else holds) into the parameters' ``.grad``: a missing ``.grad``
-    becomes a view of it (no copy, as DDP's ``gradient_as_bucket_view``), an existing one is overwritten."""
-    offset = 0
-    for p in params:
-        piece = flat[offset: offset + p.numel()].view_as(p).to(p.dtype)
-        if p.grad is None:
-            p.grad = piece
-        else:
-            p.grad.copy_(piece)
-        offset += p.numel()

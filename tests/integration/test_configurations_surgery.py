@@ -217,3 +217,23 @@ def test_lora_adapters_are_the_shared_parameters():
         assert moved == ("lora_" in n or n.startswith("heads.")), n  # base weights frozen, adapters trained
     assert not torch.equal(r.params["trunk.0.lora_B.default.weight"], plain.params["trunk.0.lora_B.default.weight"])
 
+
+
+class InfAtStep1(MultiTaskModule):
+    """Task 0's loss overflows to inf at step 1 (any scale): the grad scaler skips that step."""
+
+    def task_losses(self, x, y):
+        losses = super().task_losses(x, y)
+        if self.trainer.global_step == 1:
+            losses["task0"] = losses["task0"] * float("inf")
+        return losses
+
+
+def test_scaler_at_exactly_one_still_keeps_infs_out_of_the_method_state():
+    """Non-finite steps are detected whenever a grad scaler is enabled, not when its scale differs from 1."""
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=1.0))
+    [r] = run_job(job([GradientSurgery("gcond")], module=InfAtStep1, plugins=[plugin]))
+    state = surgery_state(r)
+    assert state["skipped_nonfinite_steps"] == 1
+    assert state["aggregator"]["state"]["step"] == r.global_step - 1
+    assert all(torch.isfinite(p).all() for p in r.params.values())

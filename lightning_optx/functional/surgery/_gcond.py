@@ -4,6 +4,7 @@ Large-Scale Multi-Task Learning"), on Gram-space coefficients."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,7 @@ from torch import Tensor
 from ._gcond_state import GCondState, _GCondOptions, _prepare_gcond_state, check_gcond_args
 from ._gram_space import (
     COSINE_TOL,
+    COSINE_TOL_FLOAT32,
     _combine,
     _compute,
     _gram_pair,
@@ -20,23 +22,26 @@ from ._gram_space import (
     decision_tolerance,
 )
 
+# A resolved gradient whose squared norm fell below this fraction of its own is out of the arbitration.
+RESOLVED_FLOOR = COSINE_TOL_FLOAT32
 # Floor of GCond's norm EMAs (the reference floors them at 1e-8; we only keep them away from zero).
 _TINY = 1e-30
 
 
 def _gcond_worst_pair(
-    gram: list[list[float]], weak: float, floor: float, tol: float = COSINE_TOL
+    gram: list[list[float]], weak: float, floor: float | Sequence[float], tol: float = COSINE_TOL
 ) -> tuple[int, int, float] | None:
     """The pair ``i < j`` with the lowest cosine if it is below ``weak - tol``, else None.
 
     Pairs whose cosines are within ``tol`` of the lowest are ties, broken by index order (the
-    first such pair in row-major order), so rounding cannot change the choice. Gradients with squared norm
-    ``<= floor`` are skipped.
+    first such pair in row-major order), so rounding cannot change the choice. Gradient ``i`` is skipped when
+    its squared norm is ``<= floor`` (or ``<= floor[i]``, one floor per gradient).
     """
+    floors = [floor] * len(gram) if isinstance(floor, (int, float)) else list(floor)
     cosines: list[tuple[int, int, float]] = []
     for i in range(len(gram)):
         for j in range(i + 1, len(gram)):
-            if gram[i][i] <= floor or gram[j][j] <= floor:
+            if gram[i][i] <= floors[i] or gram[j][j] <= floors[j]:
                 continue
             cosines.append((i, j, gram[i][j] / math.sqrt(gram[i][i] * gram[j][j])))
     if not cosines:
@@ -141,6 +146,18 @@ def _gcond_resolve_zones(
         coeffs[j] = row_j - (dot / gram[i][i]) * row_i
 
 
+def _gcond_floors(start_sq_norms: list[float]) -> list[float]:
+    """Below its floor a resolved gradient takes no further part in the arbitration.
+
+    The floor is :data:`RESOLVED_FLOOR` of the gradient's own squared norm before the loop (its norm fell below
+    0.3% of what it was), in every dtype: what is left of a gradient projected (towards) zero is then rounding
+    noise of the float32 Gramian (relative 1e-6), whose cosines are arbitrary, and float32 and float64 make the
+    same decisions; and at least ``1e-20`` of the largest, so that an exactly zero gradient is skipped too.
+    """
+    absolute = 1e-20 * max(max(start_sq_norms), 1e-300)
+    return [max(RESOLVED_FLOOR * sq, absolute) for sq in start_sq_norms]
+
+
 def _gcond_coefficients(
     raw_gram: Tensor, arbiter: _Arbiter, raw_norms: list[float], options: _GCondOptions
 ) -> Tensor:
@@ -156,11 +173,13 @@ def _gcond_coefficients(
         for i, norm in enumerate(raw_norms):
             if norm > options.norm_cap:
                 coeffs[i, i] = options.norm_cap / norm
-    floor = 1e-20 * max(max(raw_norms) ** 2, 1e-300)
     weak = options.conflict_thresholds[2]
-    for _ in range(options.projection_max_iters or 2 * num_tasks):
+    floors: list[float] = []
+    for step in range(options.projection_max_iters or 2 * num_tasks):
         gram = (coeffs @ raw_gram @ coeffs.T).tolist()
-        found = _gcond_worst_pair(gram, weak, floor, arbiter.tol)
+        if step == 0:
+            floors = _gcond_floors([gram[i][i] for i in range(num_tasks)])
+        found = _gcond_worst_pair(gram, weak, floors, arbiter.tol)
         if found is None:
             break
         i, j, cosine = found
@@ -226,6 +245,9 @@ def gcond(
       a projection, cosine 0 up to rounding of either sign, is not re-arbitrated), cosines within ``tol`` of
       the lowest are ties (broken by index), and the challenger wins only with a score higher by more than
       ``tol``. No decision depends on the direction of rounding, where the reference's exact comparisons do.
+      A resolved gradient whose squared norm fell below :data:`RESOLVED_FLOOR` (1e-5) of its own before the
+      loop is out of the arbitration in every dtype (:func:`_gcond_floors`); the reference keeps arbitrating
+      what is by then rounding noise, so its float32 and float64 decisions can differ.
     * The stochastic mode ("stochastic accumulation": each loss accumulated over its own share of the
       micro-batches) concerns how the per-task gradients are computed, not how they are combined: it is the
       caller's business (the callback's), not this function's. The Lion/LARS update (``use_lion``) needs the
