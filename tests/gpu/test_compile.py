@@ -28,10 +28,7 @@ def test_dropout_rates_follow_the_schedule_compiled():
     check_dropout_rates("compile")
 
 
-# T autograd.grad calls with retain_graph=True through an inductor-compiled trunk raise "This backward function was
-# compiled with non-empty donated buffers which requires create_graph=False and retain_graph=False" (aot_eager
-# works; reproduced on the CPU with inductor's C++ backend). Strict, so that a fix shows up as XPASS: then remove
-# the mark. The callback's run comes first, so the plain compiled run is not paid for while it fails.
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="GradientSurgery fails under inductor (donated buffers)")
+# GradientSurgery switches AOTAutograd's donated buffers off for the fit (its T autograd.grad calls retain the
+# graph), so it runs under inductor; this checks it on the GPU.
 def test_gradient_surgery_sum_equals_plain_training_and_pcgrad_sees_the_conflict_compiled():
     check_gradient_surgery("compile")
