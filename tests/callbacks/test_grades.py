@@ -177,3 +177,12 @@ def test_16_true_norms_do_not_overflow():
     assert state["last_metrics"] == {"net.fc1.weight": 8.0}
     assert state["reference"] == {"net.fc1.weight": 8.0}
     assert not state["frozen"] and state["measured_steps"] == r.global_step == 8
+
+
+def test_64_true_float64_gradients_are_measured():
+    cb = GradES(tau=1.0, targets=[r"fc1\.weight$"], grace_fraction=0.5)
+    [r] = run_job(job([cb], module=ConstantGradient, epochs=1, precision="64-true"))
+    state = r.callback_states[cb.state_key]
+    assert all(p.dtype == torch.float64 for p in r.params.values())
+    assert state["last_metrics"] == {"net.fc1.weight": 8.0}
+    assert state["measured_steps"] == r.global_step == 8

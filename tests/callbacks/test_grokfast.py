@@ -263,6 +263,17 @@ def test_bf16_true_parameters_keep_float32_filter_state():
 
 
 @pytest.mark.parametrize("filter_name", ["ema", "ma"])
+def test_64_true_float64_state(filter_name):
+    module = functools.partial(TinyModule, model="mlp", optimizer="sgd")
+    [result] = run_job(job([Grokfast(filter_name, window_size=2)], module=module, epochs=1, precision="64-true"))
+    state = grokfast_state(result)
+    buffers = state["ema"] if filter_name == "ema" else state["ring"]
+    assert buffers and all(t.dtype == torch.float64 and torch.isfinite(t).all() for t in buffers.values())
+    assert state["filtered_steps"] == result.global_step
+    assert len(result.series("grokfast/slow_grad_norm")) == result.global_step - (filter_name == "ma")
+
+
+@pytest.mark.parametrize("filter_name", ["ema", "ma"])
 def test_resume_is_bit_exact_single_process(filter_name, tmp_path):
     check_resume_equivalence(job([Grokfast(filter_name, window_size=6)]), total_epochs=3, split_epoch=1,
                              tmp_dir=str(tmp_path))
