@@ -55,8 +55,9 @@ class GradES(Callback):
 
     ``torch.compile``: dynamo guards on ``requires_grad``, so every freeze event recompiles the graph, and past
     its recompile limit (8) the model silently runs eagerly. When the model holds a compiled module, freeze
-    decisions are therefore taken only every ``ceil((planned - grace) / compile_freeze_events)`` steps after
-    the grace period: at most ``compile_freeze_events`` recompiles.
+    decisions are therefore taken only at the end of the grace period and every
+    ``ceil((planned - grace) / compile_freeze_events)`` steps after it, ``compile_freeze_events`` times at
+    most: at most ``compile_freeze_events`` recompiles.
 
     Args:
         tau: threshold. ``tau_mode="absolute"``: freeze when the metric is below ``tau``. ``"relative"``: freeze
@@ -120,6 +121,7 @@ class GradES(Callback):
         self.skipped_steps = 0  # non-finite steps (skipped by the grad scaler): neither measured nor counted
         self.grace_steps = 0
         self.freeze_interval = 1  # > 1 under torch.compile: freeze decisions only every so many rounds
+        self._last_decision_step: float = math.inf  # finite under torch.compile: the last freeze decision
         self._components: dict[str, list[str]] = {}  # component -> parameter names
         self._params: dict[str, Parameter] = {}
         self._pending: dict[str, Tensor] = {}  # component -> grad metric (grad), or param -> weights (weight_delta)
@@ -175,9 +177,12 @@ class GradES(Callback):
                              "period.")
         self.grace_steps = math.ceil(self.grace_fraction * planned)
         self.freeze_interval = 1
+        self._last_decision_step = math.inf
         if holds_compiled_module(pl_module):
             # Each freeze flips `requires_grad`, which dynamo guards on: one recompile per freeze event.
             self.freeze_interval = max(1, math.ceil((planned - self.grace_steps) / self.compile_freeze_events))
+            # decisions at grace, grace + interval, ...: the first `compile_freeze_events` of them only
+            self._last_decision_step = self.grace_steps + (self.compile_freeze_events - 1) * self.freeze_interval
             rank_zero_info(f"GradES: the model is compiled; freeze decisions are batched every "
                            f"{self.freeze_interval} steps after the grace period (at most "
                            f"{self.compile_freeze_events} freeze events, each one recompile).")
@@ -274,7 +279,7 @@ class GradES(Callback):
         return metrics, valid & torch.isfinite(metrics)
 
     def _may_freeze_at(self, step: int) -> bool:
-        if step < self.grace_steps:
+        if step < self.grace_steps or step > self._last_decision_step:
             return False
         return (step - self.grace_steps) % self.freeze_interval == 0
 
