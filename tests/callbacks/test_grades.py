@@ -7,9 +7,8 @@ import functools
 import lightning.pytorch as pl
 import pytest
 import torch
-from torch import nn
-
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
+from torch import nn
 
 from lightning_optx import GradES
 from tests.helpers import TrainJob, assert_ranks_identical, check_resume_equivalence, run_job
