@@ -53,9 +53,15 @@ def planned_rounds(trainer: pl.Trainer) -> float:
 
 
 def holds_compiled_module(root: nn.Module) -> bool:
-    """Whether the LightningModule was compiled or holds a ``torch.compile``-d submodule."""
+    """Whether the LightningModule was compiled or holds a compiled submodule.
+
+    Three ways to compile: ``torch.compile(lightning_module)`` (Lightning marks it with ``_compiler_ctx``), a
+    submodule wrapped by ``torch.compile(submodule)`` (an ``OptimizedModule``), and a module compiled in place
+    with ``module.compile()`` (it keeps its class and sets ``_compiled_call_impl``).
+    """
     from torch._dynamo.eval_frame import OptimizedModule
 
     if getattr(root, "_compiler_ctx", None) is not None:  # a LightningModule compiled with torch.compile(model)
         return True
-    return any(isinstance(m, OptimizedModule) for m in root.modules())
+    return any(isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
+               for m in root.modules())

@@ -202,9 +202,16 @@ _RATE_ATTRIBUTE_NAMES = ("drop_rate", "p_drop")
 
 
 def _is_rate_module(module: nn.Module, attr: str) -> bool:
-    """Whether the slot is a dropout module's own ``p`` (rather than a plain float attribute)."""
+    """Whether the slot is a dropout or drop-path module's own rate (rather than a plain float attribute)."""
+    if _is_drop_path_module(module):
+        return attr in ("drop_prob", "p")
     is_dropout = isinstance(module, nn.modules.dropout._DropoutNd) or "dropout" in type(module).__name__.lower()
     return attr == "p" and is_dropout
+
+
+def _is_drop_path_module(module: nn.Module) -> bool:
+    name = type(module).__name__.lower()
+    return "droppath" in name or "stochasticdepth" in name
 
 
 def _is_dropout_attribute(name: str, value: Any) -> bool:
@@ -219,7 +226,7 @@ def _rate_slots(root: nn.Module, target: Target) -> list[tuple[nn.Module, str, f
     slots: list[tuple[nn.Module, str, float]] = []
     for module in root.modules():
         name = type(module).__name__.lower()
-        drop_path_module = "droppath" in name or "stochasticdepth" in name
+        drop_path_module = _is_drop_path_module(module)
         if target == "dropout" and not drop_path_module:
             if isinstance(module, nn.modules.dropout._DropoutNd) or (
                 "dropout" in name and isinstance(getattr(module, "p", None), float)

@@ -55,8 +55,9 @@ class GradES(Callback):
 
     ``torch.compile``: dynamo guards on ``requires_grad``, so every freeze event recompiles the graph, and past
     its recompile limit (8) the model silently runs eagerly. When the model holds a compiled module, freeze
-    decisions are therefore taken only every ``ceil((planned - grace) / compile_freeze_events)`` steps after
-    the grace period: at most ``compile_freeze_events`` recompiles.
+    decisions are therefore taken only at the end of the grace period and every
+    ``ceil((planned - grace) / compile_freeze_events)`` steps after it, ``compile_freeze_events`` times at
+    most: at most ``compile_freeze_events`` recompiles.
 
     Args:
         tau: threshold. ``tau_mode="absolute"``: freeze when the metric is below ``tau``. ``"relative"``: freeze
@@ -120,6 +121,8 @@ class GradES(Callback):
         self.skipped_steps = 0  # non-finite steps (skipped by the grad scaler): neither measured nor counted
         self.grace_steps = 0
         self.freeze_interval = 1  # > 1 under torch.compile: freeze decisions only every so many rounds
+        self._last_decision_step: float = math.inf  # finite under torch.compile: the last freeze decision
+        self._restoring_into: pl.Trainer | None = None  # set while a checkpoint may still be restored
         self._components: dict[str, list[str]] = {}  # component -> parameter names
         self._params: dict[str, Parameter] = {}
         self._pending: dict[str, Tensor] = {}  # component -> grad metric (grad), or param -> weights (weight_delta)
@@ -175,20 +178,31 @@ class GradES(Callback):
                              "period.")
         self.grace_steps = math.ceil(self.grace_fraction * planned)
         self.freeze_interval = 1
+        self._last_decision_step = math.inf
         if holds_compiled_module(pl_module):
             # Each freeze flips `requires_grad`, which dynamo guards on: one recompile per freeze event.
             self.freeze_interval = max(1, math.ceil((planned - self.grace_steps) / self.compile_freeze_events))
+            # decisions at grace, grace + interval, ...: the first `compile_freeze_events` of them only
+            self._last_decision_step = self.grace_steps + (self.compile_freeze_events - 1) * self.freeze_interval
             rank_zero_info(f"GradES: the model is compiled; freeze decisions are batched every "
                            f"{self.freeze_interval} steps after the grace period (at most "
                            f"{self.compile_freeze_events} freeze events, each one recompile).")
+        if trainer.strategy.restore_checkpoint_after_setup:
+            self._restoring_into = trainer  # FSDP, DeepSpeed: the state arrives later, in `load_state_dict`
+        else:
+            self._prepare_restored_state(trainer)
+
+    def _prepare_restored_state(self, trainer: pl.Trainer) -> None:
+        """Between the restore of this callback's state and that of the optimizers' state."""
         # a checkpoint of an older version keys LoRA factors by parameter name: map them to their pair
         self.frozen = {F.component_of(k) if k in self._params else k: v for k, v in self.frozen.items()}
         self.reference = {F.component_of(k) if k in self._params else k: v for k, v in self.reference.items()}
         if self.remove_from_optimizer and self.frozen:
-            # before the optimizer state is restored: the checkpoint's param groups lack the frozen matrices
+            # the checkpoint's param groups lack the frozen matrices
             _remove_from_optimizers(trainer.optimizers, self._frozen_params(self.frozen))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restoring_into = None
         # Resume: freeze only now, after `configure_optimizers` saw every matrix trainable (as in the run that
         # wrote the checkpoint, so an optimizer built from `p.requires_grad` parameters matches its saved state)
         # and after that state was loaded.
@@ -274,7 +288,7 @@ class GradES(Callback):
         return metrics, valid & torch.isfinite(metrics)
 
     def _may_freeze_at(self, step: int) -> bool:
-        if step < self.grace_steps:
+        if step < self.grace_steps or step > self._last_decision_step:
             return False
         return (step - self.grace_steps) % self.freeze_interval == 0
 
@@ -334,6 +348,8 @@ class GradES(Callback):
         self.last_metrics = dict(state_dict["last_metrics"])
         self.measured_steps = int(state_dict.get("measured_steps", 0))
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+        if self._restoring_into is not None:  # restored after `on_fit_start`, before the optimizers' state
+            self._prepare_restored_state(self._restoring_into)
 
 
 def _remove_from_optimizers(optimizers: list[Optimizer], params: list[Parameter]) -> None:

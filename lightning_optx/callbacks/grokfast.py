@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -82,10 +83,17 @@ class Grokfast(Callback):
 
     @property
     def state_key(self) -> str:
-        # Every hyper-parameter that shapes the filter state: two differently configured instances coexist,
-        # and a resume with a different setting starts a fresh filter instead of misreading the old one.
-        return self._generate_state_key(filter=self.filter, alpha=self.alpha, lamb=self.lamb,
-                                        window_size=self.window_size)
+        # The settings that define what the saved state means (EMA: its momentum; MA: its window), so two
+        # differently configured filters coexist. ``lamb`` only scales what is added back: a resume with
+        # another ``lamb`` keeps the filter state.
+        if self.filter == "ema":
+            return self._generate_state_key(filter=self.filter, alpha=self.alpha)
+        return self._generate_state_key(filter=self.filter, window_size=self.window_size)
+
+    @property
+    def _filter_only_state_key(self) -> str:
+        """The key of checkpoints written before ``state_key`` held the filter's settings."""
+        return self._generate_state_key(filter=self.filter)
 
     # ------------------------------------------------------------------ hooks
 
@@ -192,6 +200,15 @@ class Grokfast(Callback):
             "total": _on_cpu(self._total),
             "ring_cursor": dict(self._ring_cursor),
         }
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # Lightning looks the state up by `state_key` only (after this hook): an older checkpoint's state is
+        # loaded here, so that the filter resumes instead of silently starting afresh.
+        states = checkpoint.get("callbacks") or {}
+        legacy = self._filter_only_state_key
+        if self.state_key not in states and legacy in states:
+            self.load_state_dict(copy.deepcopy(states[legacy]))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("filter") != self.filter:

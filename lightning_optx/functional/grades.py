@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from lightning_optx.functional.common import all_finite
+from lightning_optx.functional.common import all_finite, foreach_norms
 
 __all__ = [
     "DEFAULT_TARGET_PATTERNS",
@@ -141,8 +141,8 @@ def group_components(names: Iterable[str]) -> dict[str, list[str]]:
 def mean_abs(tensors: Sequence[Tensor]) -> Tensor:
     """The mean absolute value of each tensor, as one float32 vector (one fused pass, no host sync).
 
-    The L1 norms are accumulated in float32 whatever the tensors' dtype: an fp16 sum overflows to inf from
-    65504 on, which a 4096 x 4096 matrix of 0.01-sized gradients already reaches.
+    The L1 norms are accumulated in at least float32 (float64 tensors in float64): an fp16 sum overflows to
+    inf from 65504 on, which a 4096 x 4096 matrix of 0.01-sized gradients already reaches.
     """
     return group_mean_abs(tensors, [1] * len(tensors))
 
@@ -160,13 +160,13 @@ def group_mean_abs(tensors: Sequence[Tensor], sizes: Sequence[int]) -> Tensor:
         return torch.zeros(0)
     if sum(sizes) != len(tensors):
         raise ValueError(f"`sizes` must add up to the number of tensors ({len(tensors)}), got sizes={list(sizes)}.")
-    l1 = torch.stack(list(torch._foreach_norm(list(tensors), ord=1, dtype=torch.float32)))
-    numel = torch.tensor([t.numel() for t in tensors], dtype=torch.float32, device=l1.device)
+    l1 = foreach_norms(tensors, ord=1)  # float64 tensors stay float64 until the division
+    numel = torch.tensor([t.numel() for t in tensors], dtype=l1.dtype, device=l1.device)
     index = torch.repeat_interleave(torch.arange(len(sizes), device=l1.device),
                                     torch.tensor(list(sizes), device=l1.device))
-    totals = torch.zeros(len(sizes), dtype=torch.float32, device=l1.device)
-    counts = torch.zeros(len(sizes), dtype=torch.float32, device=l1.device)
-    return totals.index_add_(0, index, l1) / counts.index_add_(0, index, numel)
+    totals = torch.zeros(len(sizes), dtype=l1.dtype, device=l1.device)
+    counts = torch.zeros(len(sizes), dtype=l1.dtype, device=l1.device)
+    return (totals.index_add_(0, index, l1) / counts.index_add_(0, index, numel)).float()
 
 
 def update_reference(reference: float | None, value: float) -> float | None:

@@ -161,9 +161,18 @@ def test_torch_compile_gives_eager_losses_and_quantizes_the_rate():
                                rtol=1e-5, atol=1e-6)
 
 
-def test_float_dropout_attributes_are_scheduled_and_named():
+def infos(monkeypatch) -> list[str]:
+    """The messages the callback passes to ``rank_zero_info`` (Lightning's logger does not propagate)."""
+    messages: list[str] = []
+    monkeypatch.setattr("lightning_optx.callbacks.dropout.rank_zero_info", messages.append)
+    return messages
+
+
+def test_float_dropout_attributes_are_scheduled_and_named(monkeypatch):
     """Llama-style attention keeps its rate as a float (`attention_dropout`): it is driven like nn.Dropout."""
     from tests.helpers.configurations import ConfigModule
+
+    messages = infos(monkeypatch)
 
     def inspect(trainer, module):
         return module.seen, next(c for c in trainer.callbacks if isinstance(c, EarlyDropout)).scheduled_names
@@ -175,11 +184,15 @@ def test_float_dropout_attributes_are_scheduled_and_named():
     assert [rates["drop_path"] for _, rates in seen] == [torch.linspace(0, 0.1, 3).tolist()] * 8
     assert sorted(names) == sorted([f"net.blocks.{i}.{a}" for i in range(3)
                                     for a in ("attn.attention_dropout", "drop.p")])
+    [message] = [m for m in messages if "float dropout attributes" in m]
+    assert message.endswith(": " + ", ".join(f"net.blocks.{i}.attn.attention_dropout" for i in range(3)))
 
 
-def test_drop_path_keeps_the_per_depth_profile():
+def test_drop_path_keeps_the_per_depth_profile(monkeypatch):
     """Blocks built with linspace(0, 0.1, 3) get rate * r_i / max r: 0, rate / 2, rate."""
     from tests.helpers.configurations import ConfigModule
+
+    messages = infos(monkeypatch)
 
     [r] = run_job(TrainJob(module=ConfigModule, callbacks=[LateDropout(p=0.3, cutoff=2, target="drop_path")],
                            trainer_kwargs={"max_epochs": 1}, inspect=lambda t, m: m.seen))
@@ -187,6 +200,7 @@ def test_drop_path_keeps_the_per_depth_profile():
     assert profiles[:2] == [[0.0, 0.0, 0.0]] * 2
     assert all(p == pytest.approx([0.0, 0.15, 0.3]) for p in profiles[2:])
     assert all(rates["dropout"] == [0.1] * 3 for _, rates in r.inspected)  # not touched by a drop_path schedule
+    assert not [m for m in messages if "float dropout attributes" in m]  # DropPath's own drop_prob
 
 
 def test_manual_optimization_with_max_steps_plans_in_batches():
