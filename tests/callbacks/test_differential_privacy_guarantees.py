@@ -53,6 +53,89 @@ def test_default_fits_under_the_same_seed_everything_differ_and_reproducible_one
     assert_tree_equal(c.params, d.params, "parameters of two reproducible fits")
 
 
+class _IndexedModule(pl.LightningModule):
+    """Records the sample indices of every batch; optionally sizes a OneCycleLR from estimated_stepping_batches
+    in configure_optimizers (Lightning then builds the training loader inside strategy.setup, before on_fit_start)."""
+
+    def __init__(self, scheduler: bool) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 2)
+        self.scheduler = scheduler
+        self.seen: list[list[int]] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y, index = batch
+        self.seen.append(index.tolist())
+        return torch.nn.functional.cross_entropy(self.layer(x), y)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        if not self.scheduler:
+            return optimizer
+        total = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer,
+                "lr_scheduler": torch.optim.lr_scheduler.OneCycleLR(optimizer, 0.1, total_steps=total)}
+
+
+def _default_fit_batches(scheduler: bool) -> list[list[int]]:
+    pl.seed_everything(1, verbose=False)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)), torch.arange(64))
+    module = _IndexedModule(scheduler)
+    trainer = pl.Trainer(callbacks=[DifferentialPrivacy(noise_multiplier=1.0, accountant="rdp")], max_epochs=1,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=8, shuffle=True))
+    assert trainer.train_dataloader.batch_sampler.generator is not None  # a secret generator, not derived seeds
+    return module.seen
+
+
+@pytest.mark.parametrize("scheduler", [False, True], ids=["plain", "estimated_stepping_batches_scheduler"])
+def test_default_fits_under_the_same_seed_everything_draw_different_batches(scheduler):
+    """The Poisson batches are secret even when configure_optimizers builds the loader before on_fit_start."""
+    a, b = _default_fit_batches(scheduler), _default_fit_batches(scheduler)
+    assert len(a) == len(b) == 8
+    assert a != b
+
+
+def test_poisson_sampler_never_falls_back_to_a_default_seed():
+    with pytest.raises(ValueError, match="needs `generator`.*or an explicit `seed`"):
+        P.PoissonBatchSampler(range(10), num_samples=10, sample_rate=0.5, steps=2)
+
+
+def _mt_reachable_from_a_32_bit_seed(words: list[int]) -> bool:
+    """Whether 624 untwisted Mersenne-Twister words are the initialisation of some 32-bit seed (every seed's
+    state follows state[i] = 1812433253 * (state[i-1] ^ (state[i-1] >> 30)) + i mod 2^32)."""
+    return all(words[i] == (1812433253 * (words[i - 1] ^ (words[i - 1] >> 30)) + i) & 0xFFFFFFFF
+               for i in range(1, len(words)))
+
+
+def test_secret_cpu_generators_hold_a_full_mersenne_twister_state_not_a_32_bit_seed():
+    from lightning_optx.callbacks.differential_privacy import randomness
+
+    # the limitation the filler exists for: the CPU generator keeps only the low 32 bits of manual_seed
+    low = torch.rand(8, generator=torch.Generator().manual_seed(123456789))
+    assert torch.equal(low, torch.rand(8, generator=torch.Generator().manual_seed(123456789 + (7 << 32))))
+    # the filler's state is what it wrote, and no 32-bit seed produces it (a seeded state always does the above)
+    entropy = os.urandom(4 * 624)
+    g = randomness.fill_mt19937_state(torch.Generator(), entropy)
+    words = randomness.mt19937_words(g)
+    assert words == list(memoryview(entropy).cast("I"))
+    assert _mt_reachable_from_a_32_bit_seed(randomness.mt19937_words(torch.Generator().manual_seed(2**32 - 5)))
+    assert not _mt_reachable_from_a_32_bit_seed(words)
+    # states differing in one word (here the last, beyond any 32-bit seed's reach) draw different streams
+    other = bytearray(entropy)
+    other[-1] ^= 0x80
+    h = randomness.fill_mt19937_state(torch.Generator(), bytes(other))
+    assert not torch.equal(torch.rand(1000, generator=g), torch.rand(1000, generator=h))
+    # what the callback draws from: sampling and noise generators on CPU are filled from os.urandom
+    r = randomness.Randomness(seed=None)
+    r.start(torch.device("cpu"))
+    for generator in (r.sampling, r.noise):
+        assert not _mt_reachable_from_a_32_bit_seed(randomness.mt19937_words(generator))
+    with pytest.raises(ValueError, match="`entropy` must be 2496 bytes"):
+        randomness.fill_mt19937_state(torch.Generator(), b"short")
+
+
 def test_resumes_from_one_checkpoint_differ_by_default_and_match_when_reproducible(tmp_path):
     for seed, expect_equal in ((None, False), (11, True)):
         ckpt = str(tmp_path / f"seed{seed}.ckpt")

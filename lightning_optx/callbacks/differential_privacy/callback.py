@@ -221,6 +221,9 @@ class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
         checks.raise_on_incompatible_layers(pl_module)
         self._token = uuid.uuid4().hex
         self._loader_built = False
+        # before anything can build the training loader (configure_optimizers reading
+        # trainer.estimated_stepping_batches does, inside strategy.setup, before on_fit_start)
+        self.randomness.start(trainer.strategy.root_device)
         self._restore_patches()
         if self.poisson_sampling:
             loader.install(trainer, lambda user_loader: self._poisson_loader(user_loader, trainer), self._patch)
@@ -257,6 +260,8 @@ class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
         self._patched = []
 
     def _poisson_loader(self, user_loader: Any, trainer: pl.Trainer) -> DataLoader:
+        if not self.randomness.started:
+            self.randomness.start(trainer.strategy.root_device)
         rebuilt, geometry = loader.poisson_loader(
             user_loader, world_size=trainer.world_size, rank=trainer.global_rank,
             accumulate=trainer.accumulate_grad_batches, generator=self.randomness.sampling,
@@ -274,7 +279,6 @@ class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         checks.raise_on_incompatible_layers(pl_module)  # layers created in configure_model
-        self.randomness.start(pl_module.device)
         if self.randomness.reproducible:
             rank_zero_warn(_REPRODUCIBLE_WARNING.format(seed=self.seed))
         restored_rate, restored_spe = self.sample_rate, self._steps_per_epoch
@@ -368,6 +372,7 @@ class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
 
         self._restore_patches()
         self._remove_hooks()
+        self.randomness.stop()
         for p in pl_module.parameters():  # fp32 sums the DP optimizer keeps between its steps
             p.__dict__.pop("_optx_clipped_sum", None)
             p.__dict__.pop("_optx_noised", None)

@@ -71,7 +71,7 @@ def check_rebuildable(loader: Any) -> DataLoader:
 
 
 def poisson_loader(loader: DataLoader, *, world_size: int, rank: int, accumulate: int, generator: Any,
-                   seed: int, epoch_source: Callable[[], int], token: str) -> tuple[DataLoader, LoaderGeometry]:
+                   seed: int | None, epoch_source: Callable[[], int], token: str) -> tuple[DataLoader, LoaderGeometry]:
     """A DataLoader over ``loader``'s data set with Poisson batches (Opacus' collate for empty batches)."""
     from opacus.data_loader import dtype_safe, shape_safe, wrap_collate_with_empty
 
