@@ -98,7 +98,7 @@ def test_default_fits_under_the_same_seed_everything_draw_different_batches(sche
 
 
 def test_poisson_sampler_never_falls_back_to_a_default_seed():
-    with pytest.raises(ValueError, match="needs `generator`.*or an explicit `seed`"):
+    with pytest.raises(ValueError, match=r"needs `generator`.*or an explicit `seed`"):
         P.PoissonBatchSampler(range(10), num_samples=10, sample_rate=0.5, steps=2)
 
 
@@ -342,3 +342,74 @@ def test_package_doctests():
     for module in (opacus_internals, randomness, callback):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
         assert result.failed == 0 and result.attempted > 0, module.__name__
+
+
+# ---------------------------------------------------------------- a sample rate that changes within one fit
+
+
+class _BatchSizeScheduleModule(pl.LightningModule):
+    """train_dataloader() with batch size 4 in epoch 0 and 16 afterwards (a batch-size warm-up): with
+    reload_dataloaders_every_n_epochs=1 the Poisson sample rate changes from 1/16 to 1/4 within the fit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 2)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(self.layer(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> DataLoader:
+        batch_size = 4 if self.trainer.current_epoch == 0 else 16
+        data = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+        return DataLoader(data, batch_size=batch_size)
+
+
+def _reloading_fit(cb: DifferentialPrivacy, max_epochs: int, *extra: Any) -> pl.Trainer:
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(callbacks=[cb, *extra], max_epochs=max_epochs, reload_dataloaders_every_n_epochs=1,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    trainer.fit(_BatchSizeScheduleModule())
+    return trainer
+
+
+def test_a_rate_change_within_a_fit_recalibrates_the_remaining_noise_within_target_epsilon():
+    cb = DifferentialPrivacy(target_epsilon=3.0, target_delta=1e-3, accountant="rdp")
+    with pytest.warns(UserWarning, match=r"reloaded with sample rate 0\.25 \(was 0\.0625\); re-calibrated"):
+        trainer = _reloading_fit(cb, 3)
+    rates = [q for _, q, _ in cb.accountant.history]
+    assert rates == [0.0625, 0.25]  # 16 steps at 1/16, then 2 epochs of 4 steps at 1/4
+    assert cb.steps == trainer.global_step == 24
+    assert cb.epsilon <= 3.0  # it ended at 5.19 when the noise calibrated for 1/16 was kept
+
+
+def test_a_rate_change_within_a_fit_with_a_fixed_noise_multiplier_is_refused():
+    cb = DifferentialPrivacy(noise_multiplier=1.0, stop_at_epsilon=3.0, target_delta=1e-3, accountant="rdp")
+    with pytest.raises(ValueError, match=r"reloaded during the fit with sample rate 0\.25 \(was 0\.0625.*"
+                                         r"noise_multiplier=1\.0 is fixed.*pass target_epsilon"):
+        _reloading_fit(cb, 20)
+    assert cb.epsilon <= 3.0 and {q for _, q, _ in cb.accountant.history} == {0.0625}
+
+
+class _RaiseRateBehindTheGuardsBack(pl.Callback):
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == 1:
+            trainer.callbacks[0].sample_rate = 0.25  # as if the data changed without the callback rebuilding it
+
+
+def test_the_budget_guard_checks_epsilon_for_the_current_rate_not_a_step_count():
+    """stop_at_epsilon is honoured when the rate changes after the step count was computed."""
+    cb = DifferentialPrivacy(noise_multiplier=1.0, stop_at_epsilon=3.0, target_delta=1e-3, accountant="rdp")
+    data = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(callbacks=[cb, _RaiseRateBehindTheGuardsBack()], max_epochs=50, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu")
+    trainer.fit(_BatchSizeScheduleModule(), train_dataloaders=DataLoader(data, batch_size=4))
+    assert [q for _, q, _ in cb.accountant.history] == [0.0625, 0.25]
+    assert cb.epsilon <= 3.0
+    one_more = P.epsilon_of_history([*cb.accountant.history, (1.0, 0.25, 1)], 1e-3, "rdp")
+    assert one_more > 3.0  # it stopped at the last step within the budget

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
@@ -184,6 +185,8 @@ class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
         self._planned_total: int | None = None
         self._restored_max_grad_norm: float | None = None
         self._allowed_steps: int | None = None
+        self._allowed_for: tuple[float | None, float | None, int] | None = None
+        self._fitting = False  # between on_fit_start and the end of the fit: a reloaded loader is a mid-fit change
         self._logged_at = -1
         self._warned_budget = False
         self._eps_cache: tuple[tuple[Any, ...], float] | None = None
@@ -260,8 +263,9 @@ class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
         self._patched = []
 
     def _poisson_loader(self, user_loader: Any, trainer: pl.Trainer) -> DataLoader:
-        if not self.randomness.started:
-            self.randomness.start(trainer.strategy.root_device)
+        if not self.randomness.started:  # setup always starts it; a loader built outside a fit gets secret ones too
+            strategy = getattr(trainer, "strategy", None)
+            self.randomness.start(getattr(strategy, "root_device", torch.device("cpu")))
         rebuilt, geometry = loader.poisson_loader(
             user_loader, world_size=trainer.world_size, rank=trainer.global_rank,
             accumulate=trainer.accumulate_grad_batches, generator=self.randomness.sampling,
@@ -271,9 +275,13 @@ class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
         return rebuilt
 
     def _set_geometry(self, geometry: loader.LoaderGeometry) -> None:
+        previous = self.sample_rate
         self.sample_rate = geometry.sample_rate
         self.expected_batch_size = geometry.sample_rate * geometry.dataset_size
         self._steps_per_epoch = geometry.steps_per_epoch
+        if self._fitting and previous is not None and previous != geometry.sample_rate:
+            assert self._trainer is not None
+            self._rate_changed_mid_fit(self._trainer, previous)
 
     # ------------------------------------------------------------------ fit start: data, noise, optimizer
 
@@ -296,6 +304,7 @@ class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
         self._resolve_noise(trainer, planned, restored_rate, restored_spe)
         self._wrap_optimizer(trainer, pl_module)
         self._allowed_steps = self._compute_allowed_steps()
+        self._fitting = True
 
     # ------------------------------------------------------------------ per batch
 
@@ -370,6 +379,7 @@ class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
     def _cleanup(self, pl_module: pl.LightningModule) -> None:
         from opacus.utils.module_utils import trainable_modules
 
+        self._fitting = False
         self._restore_patches()
         self._remove_hooks()
         self.randomness.stop()
