@@ -413,3 +413,20 @@ def test_the_budget_guard_checks_epsilon_for_the_current_rate_not_a_step_count()
     assert cb.epsilon <= 3.0
     one_more = P.epsilon_of_history([*cb.accountant.history, (1.0, 0.25, 1)], 1e-3, "rdp")
     assert one_more > 3.0  # it stopped at the last step within the budget
+
+
+def test_a_second_fit_of_a_spent_callback_without_a_checkpoint_is_refused():
+    """It used to train 1 step of 16 silently: the budget of the first fit was already spent."""
+    data = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    cb = DifferentialPrivacy(target_epsilon=3.0, target_delta=1e-3, accountant="rdp")
+
+    def fit() -> pl.Trainer:
+        trainer = pl.Trainer(callbacks=[cb], max_epochs=2, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+        trainer.fit(_BatchSizeScheduleModule(), train_dataloaders=DataLoader(data, batch_size=8))
+        return trainer
+
+    assert fit().global_step == cb.steps == 16
+    with pytest.raises(ValueError, match=r"already took 16 DP steps .* in an earlier fit.*Create a new "
+                                         r"DifferentialPrivacy for a new run"):
+        fit()

@@ -186,6 +186,7 @@ class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
         self._restored_max_grad_norm: float | None = None
         self._allowed_steps: int | None = None
         self._allowed_for: tuple[float | None, float | None, int] | None = None
+        self._ended_a_fit = False  # a fit of this callback ran (and its state was not replaced by load_state_dict)
         self._fitting = False  # between on_fit_start and the end of the fit: a reloaded loader is a mid-fit change
         self._logged_at = -1
         self._warned_budget = False
@@ -215,6 +216,12 @@ class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if self._ended_a_fit and self.steps and getattr(trainer, "ckpt_path", None) is None:
+            raise ValueError(
+                f"DifferentialPrivacy: this callback already took {self.steps} DP steps (epsilon={self.epsilon:.4g})"
+                " in an earlier fit, and this fit resumes from no checkpoint: its budget was spent by that fit. "
+                "Create a new DifferentialPrivacy for a new run, or pass ckpt_path=... to continue the earlier one."
+            )
         self._trainer = trainer
         checks.check_trainer(trainer, pl_module, self.clipping, DifferentialPrivacy)
         if self.fix_model:
@@ -380,6 +387,7 @@ class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
         from opacus.utils.module_utils import trainable_modules
 
         self._fitting = False
+        self._ended_a_fit = True
         self._restore_patches()
         self._remove_hooks()
         self.randomness.stop()
@@ -424,4 +432,5 @@ class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
         self._steps_per_epoch = state_dict.get("steps_per_epoch")
         self._restored_max_grad_norm = state_dict.get("max_grad_norm")
         self._eps_cache = None
+        self._ended_a_fit = False
 
