@@ -430,3 +430,26 @@ def test_a_second_fit_of_a_spent_callback_without_a_checkpoint_is_refused():
     with pytest.raises(ValueError, match=r"already took 16 DP steps .* in an earlier fit.*Create a new "
                                          r"DifferentialPrivacy for a new run"):
         fit()
+
+
+def _dict_collate(items: list[Any]) -> dict[str, torch.Tensor]:
+    return {"x": torch.stack([torch.full((4,), float(len(t))) for t, _ in items]),
+            "labels": torch.tensor([y for _, y in items])}
+
+
+def test_an_empty_first_poisson_batch_keeps_a_dict_collate_structure_in_every_worker_copy():
+    """A worker's copy of the collate function may see an empty Poisson batch first: it must still return the
+    structure of the user's collate_fn (a dict here), not Opacus' bare-list fallback."""
+    import pickle
+
+    from lightning_optx.callbacks.differential_privacy import loader
+
+    data = [(f"w{i}", i % 2) for i in range(64)]
+    rebuilt, _ = loader.poisson_loader(DataLoader(data, batch_size=2, collate_fn=_dict_collate), world_size=1, rank=0,
+                                       accumulate=1, generator=None, seed=0, epoch_source=lambda: 0, token="t")
+    worker_copy = pickle.loads(pickle.dumps(rebuilt.collate_fn))  # what a DataLoader worker starts with
+    empty = worker_copy([])
+    assert set(empty) == {"x", "labels"}
+    assert empty["x"].shape == (0, 4) and empty["x"].dtype == torch.float32
+    assert empty["labels"].shape == (0,) and empty["labels"].dtype == torch.int64
+    assert worker_copy([data[3], data[4]])["labels"].tolist() == [1, 0]

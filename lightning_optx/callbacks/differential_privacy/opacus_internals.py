@@ -57,6 +57,8 @@ OPACUS_INTERNALS: tuple[tuple[str, str, str], ...] = (
     ("opacus.grad_sample", "GradSampleHooksFastGradientClipping.cleanup", "removes the hooks"),
     ("opacus.grad_sample", "GradSampleHooksFastGradientClipping.GRAD_SAMPLERS", "per-sample gradient formulas"),
     ("opacus.grad_sample", "GradSampleHooksFastGradientClipping.NORM_SAMPLERS", "ghost-norm formulas"),
+    ("opacus.data_loader", "CollateFnWithEmpty._make_empty_batch", "an empty batch shaped like `first_batch`, "
+     "which the loader sets before workers copy the collate function"),
     ("opacus.grad_sample.functorch", "ft_compute_per_sample_gradient", "per-sample gradients, other layers"),
     ("opacus.grad_sample.functorch", "prepare_layer", "per-sample gradients, other layers"),
     ("opacus.layers.dp_rnn", "DPRNN", "layers the ghost hooks skip (their cells are hooked)"),
