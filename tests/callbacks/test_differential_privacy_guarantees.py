@@ -453,3 +453,36 @@ def test_an_empty_first_poisson_batch_keeps_a_dict_collate_structure_in_every_wo
     assert empty["x"].shape == (0, 4) and empty["x"].dtype == torch.float32
     assert empty["labels"].shape == (0,) and empty["labels"].dtype == torch.int64
     assert worker_copy([data[3], data[4]])["labels"].tolist() == [1, 0]
+
+
+class _BranchPerMicroBatch(pl.LightningModule):
+    """Layer `a` in even micro-batches, `b` in odd ones: with accumulate_grad_batches=2 a dynamic graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        layer = self.a if batch_idx % 2 == 0 else self.b
+        return torch.nn.functional.cross_entropy(layer(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_a_parameter_used_in_some_micro_batches_only_is_refused_by_hooks_and_handled_by_ghost(mode):
+    cb = DifferentialPrivacy(noise_multiplier=1.0, accountant="rdp", grad_sample_mode=mode, seed=1)
+    trainer = pl.Trainer(callbacks=[cb], max_epochs=1, accumulate_grad_batches=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu")
+    data = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    fit = functools.partial(trainer.fit, _BranchPerMicroBatch(), train_dataloaders=DataLoader(data, batch_size=4))
+    if mode == "ghost":
+        fit()
+        assert cb.steps == 8
+        return
+    with pytest.raises(ValueError, match=r"grad_sample_mode='hooks'\) with accumulate_grad_batches=2: the parameters "
+                                         r"a\.bias, a\.weight, b\.bias, b\.weight got per-sample gradients in only "
+                                         r"some micro-batches.*Use grad_sample_mode='ghost'"):
+        fit()
