@@ -5,8 +5,9 @@ a Lightning callback cannot hand those over, so :class:`DifferentialPrivacy` bui
 building blocks and overrides a few of their methods. Those blocks are not all public: names with a leading
 underscore, module paths that are not re-exported, attributes the hooks leave on layers and parameters, and
 methods whose *behaviour* is overridden. They are listed below with the Opacus versions they were checked
-against. :func:`missing_internals` imports and looks up each one; the callback calls it, and (once per process) :func:`probe_hook_attributes`, at construction; the
-test suite calls both, so an Opacus release that moves one fails with a message
+against. :func:`missing_internals` imports and looks up each one, :func:`probe_hook_attributes` runs Opacus'
+hooks and optimizers on a one-layer model for the run-time attributes; the callback calls both at construction
+(the probe once per process) and so does the test suite, so an Opacus release that moves one fails with a message
 naming it instead of training with a silently different mechanism.
 
 Lightning: the training data source (``trainer.fit_loop._data_source``) is private too; it is how every data
