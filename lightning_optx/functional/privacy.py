@@ -434,7 +434,8 @@ class PoissonBatchSampler(BatchSampler):
     ``len(sampler) == steps * accumulate`` on every rank. Batches can be empty: every rank still yields them,
     so ranks never fall out of step.
 
-    Randomness: with ``generator=None`` the membership of step ``i`` of epoch ``e`` on rank ``r`` is drawn from
+    Randomness: with ``generator=None`` (then ``seed`` must be given: a sampler never falls back to a public
+    default seed) the membership of step ``i`` of epoch ``e`` on rank ``r`` is drawn from
     a generator seeded with ``derive_seed(seed, "poisson", r, e, i)``: reproducible, independent across
     ranks and steps, and identical after a resume from a checkpoint (no generator state to save). Call
     :meth:`set_epoch` at the start of every epoch, or give ``epoch_source``, a function read when an epoch's
@@ -455,8 +456,8 @@ class PoissonBatchSampler(BatchSampler):
         steps: optimizer steps per epoch.
         accumulate: micro-batches per optimizer step.
         num_replicas, rank: data-parallel world size and this process's rank.
-        seed: base seed of the membership draws.
-        generator: optional source of randomness used instead of the derived seeds.
+        seed: base seed of the membership draws (required when ``generator`` is None).
+        generator: source of randomness used instead of the derived seeds.
         epoch_source: optional function returning the current epoch, read at the start of each iteration.
         token: any object, kept as ``self.token`` (lets the creator recognise its sampler after re-creation).
 
@@ -478,7 +479,7 @@ class PoissonBatchSampler(BatchSampler):
         accumulate: int = 1,
         num_replicas: int = 1,
         rank: int = 0,
-        seed: int = 0,
+        seed: int | None = None,
         generator: torch.Generator | None = None,
         epoch_source: Callable[[], int] | None = None,
         token: Any = None,
@@ -491,6 +492,9 @@ class PoissonBatchSampler(BatchSampler):
                 raise ValueError(f"`{name}` must be an integer >= 1, got {name}={value!r}.")
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < num_replicas:
             raise ValueError(f"`rank` must be an integer in [0, num_replicas={num_replicas}), got rank={rank!r}.")
+        if generator is None and seed is None:
+            raise ValueError("PoissonBatchSampler needs `generator` (a secret source of randomness) or an explicit "
+                             "`seed` (reproducible batches), got neither: it never falls back to a default seed.")
         if drop_last:
             raise ValueError("`drop_last` must be False: Poisson batches have random sizes, none is dropped.")
         if isinstance(sampler, DistributedSampler) and sampler.num_replicas != num_replicas:
@@ -505,7 +509,7 @@ class PoissonBatchSampler(BatchSampler):
         self.accumulate = accumulate
         self.num_replicas = num_replicas
         self.rank = rank
-        self.seed = int(seed)
+        self.seed = None if seed is None else int(seed)
         self.generator = generator
         self.epoch_source = epoch_source
         self.token = token
@@ -529,6 +533,7 @@ class PoissonBatchSampler(BatchSampler):
         for step in range(self.steps):
             generator = self.generator
             if generator is None:
+                assert self.seed is not None
                 generator = torch.Generator().manual_seed(derive_seed(self.seed, "poisson", self.rank, epoch, step))
             mask = torch.rand(len(shard), generator=generator) < self.sample_rate
             yield from split_even(shard[mask].tolist(), self.accumulate)

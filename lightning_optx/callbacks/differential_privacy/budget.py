@@ -38,6 +38,10 @@ class PrivacyBudget:
     _allowed_steps: int | None
     _warned_budget: bool
     _trainer: pl.Trainer | None
+    _allowed_for: tuple[float | None, float | None, int] | None
+    _dp_optimizer: Any
+    expected_batch_size: float | None
+    _steps_per_epoch: int | None
 
     def _resolve_noise(self, trainer: pl.Trainer, planned: float, restored_rate: float | None,
                        restored_spe: int | None) -> None:
@@ -98,21 +102,80 @@ class PrivacyBudget:
         self.accountant.step(noise_multiplier=float(optimizer.noise_multiplier), sample_rate=self.sample_rate)
         self.steps += 1
 
+    def _rate_changed_mid_fit(self, trainer: pl.Trainer, previous_rate: float) -> None:
+        """The training loader was rebuilt during the fit (``reload_dataloaders_every_n_epochs``) with another
+        sample rate (its batch size or data set changed): re-calibrate the noise of the remaining steps so that
+        epsilon stays within ``target_epsilon``, or refuse when the noise multiplier is fixed."""
+        assert self.sample_rate is not None
+        if self.noise_multiplier is not None or self.target_epsilon is None:
+            raise ValueError(
+                f"DifferentialPrivacy: the training loader was reloaded during the fit with sample rate "
+                f"{self.sample_rate:.6g} (was {previous_rate:.6g}: its batch size or data set changed) and "
+                f"noise_multiplier={self.noise_multiplier} is fixed, so the privacy spent would not be what was "
+                "planned. Keep the batch size and data set constant within a fit, or pass target_epsilon=... instead "
+                "of noise_multiplier to have the noise of the remaining steps re-calibrated."
+            )
+        remaining = self._remaining_steps_mid_fit(trainer)
+        history = P.merge_history(self.accountant.history)
+        previous = self.resolved_noise_multiplier
+        if history:
+            self.resolved_noise_multiplier = P.noise_multiplier_for_remaining(
+                self.target_epsilon, self.target_delta, history, self.sample_rate, remaining, self.accountant_name)
+        else:
+            self.resolved_noise_multiplier = P.noise_multiplier_for_epsilon(
+                self.target_epsilon, self.target_delta, self.sample_rate, remaining, self.accountant_name)
+        self._planned_total = self.steps + remaining
+        if self._dp_optimizer is not None:
+            assert self.expected_batch_size is not None
+            self._dp_optimizer.noise_multiplier = self.resolved_noise_multiplier
+            self._dp_optimizer.expected_batch_size = self.expected_batch_size / trainer.world_size
+        rank_zero_warn(f"DifferentialPrivacy: the training loader was reloaded with sample rate {self.sample_rate:.5g} "
+                       f"(was {previous_rate:.5g}); re-calibrated noise_multiplier {previous} -> "
+                       f"{self.resolved_noise_multiplier:.4f} for the remaining {remaining} steps, so that epsilon "
+                       f"stays <= {self.target_epsilon} after the {self.steps} steps already taken.")
+        self._allowed_steps = self._compute_allowed_steps()
+
+    def _remaining_steps_mid_fit(self, trainer: pl.Trainer) -> int:
+        """Optimizer steps left in this fit from the epoch whose loader was just built (an over-estimate only
+        adds noise; the budget guard stops at the planned total either way)."""
+        assert self._steps_per_epoch is not None
+        bounds = []
+        if trainer.max_steps not in (-1, None):
+            bounds.append(trainer.max_steps - trainer.global_step)
+        if trainer.max_epochs not in (-1, None):
+            bounds.append((trainer.max_epochs - trainer.current_epoch) * self._steps_per_epoch)
+        if not bounds:
+            raise ValueError("DifferentialPrivacy(target_epsilon=...) needs a finite training length (max_steps or "
+                             "max_epochs) to re-calibrate the noise.")
+        return max(1, min(bounds))
+
     def _compute_allowed_steps(self) -> int | None:
-        """Total DP steps (counting those already taken) that keep epsilon <= stop_at_epsilon, and, with
-        target_epsilon, within the steps the noise was calibrated for (so <= target_epsilon)."""
+        """Total DP steps (counting those already taken) that keep epsilon <= stop_at_epsilon and, with
+        target_epsilon, <= target_epsilon and within the steps the noise was calibrated for. Computed on the
+        accountant itself for the current noise multiplier and sample rate (:meth:`_step_allowed` recomputes it
+        when either changes)."""
+        assert self.resolved_noise_multiplier is not None and self.sample_rate is not None
+        sigma, rate, history = self.resolved_noise_multiplier, self.sample_rate, self.accountant.history
+        self._allowed_for = (sigma, rate, len(history))
         allowed = None
-        if self.target_epsilon is not None and self.noise_multiplier is None:
+        if self.target_epsilon is not None and self.noise_multiplier is None and self._planned_total is not None:
             allowed = self._planned_total
+            remaining = self._planned_total - self.steps
+            if remaining > 0 and P.epsilon_of_history(P.merge_history([*history, (sigma, rate, remaining)]),
+                                                      self.target_delta, self.accountant_name) > self.target_epsilon:
+                more = P.steps_until_budget(sigma, rate, self.target_delta, self.target_epsilon, self.accountant_name,
+                                            history=history)
+                allowed = min(allowed, self.steps + more)
         if self.stop_at_epsilon is not None:
-            assert self.resolved_noise_multiplier is not None and self.sample_rate is not None
-            more = P.steps_until_budget(self.resolved_noise_multiplier, self.sample_rate, self.target_delta,
-                                        self.stop_at_epsilon, self.accountant_name, history=self.accountant.history)
+            more = P.steps_until_budget(sigma, rate, self.target_delta, self.stop_at_epsilon, self.accountant_name,
+                                        history=history)
             allowed = self.steps + more if allowed is None else min(allowed, self.steps + more)
         return allowed
 
     def _step_allowed(self) -> bool:
         """Called by the DP optimizer before clipping and noise: refuse a step beyond the budget."""
+        if self._allowed_for is None or self._allowed_for[:2] != (self.resolved_noise_multiplier, self.sample_rate):
+            self._allowed_steps = self._compute_allowed_steps()  # the noise or the rate changed since computed
         if self._allowed_steps is None or self.steps < self._allowed_steps:
             return True
         self.skipped_over_budget += 1

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
@@ -37,6 +38,13 @@ _REPRODUCIBLE_WARNING = (
     "knows it (or holds a checkpoint and the configuration) can rebuild every batch and subtract the noise: the "
     "model is not private against them. Use seed=None (the default) for a release."
 )
+
+
+def _grad_sample_entries(p: Any) -> int:
+    """How many backward passes of the current optimizer step gave ``p`` per-sample gradients (Opacus keeps a tensor
+    after the first, a list after more)."""
+    samples = getattr(p, "grad_sample", None)
+    return 0 if samples is None else len(samples) if isinstance(samples, list) else 1
 
 
 class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
@@ -184,6 +192,10 @@ class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
         self._planned_total: int | None = None
         self._restored_max_grad_norm: float | None = None
         self._allowed_steps: int | None = None
+        self._allowed_for: tuple[float | None, float | None, int] | None = None
+        self._step_participants: frozenset[int] | None = None
+        self._ended_a_fit = False  # a fit of this callback ran (and its state was not replaced by load_state_dict)
+        self._fitting = False  # between on_fit_start and the end of the fit: a reloaded loader is a mid-fit change
         self._logged_at = -1
         self._warned_budget = False
         self._eps_cache: tuple[tuple[Any, ...], float] | None = None
@@ -212,6 +224,12 @@ class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if self._ended_a_fit and self.steps and getattr(trainer, "ckpt_path", None) is None:
+            raise ValueError(
+                f"DifferentialPrivacy: this callback already took {self.steps} DP steps (epsilon={self.epsilon:.4g})"
+                " in an earlier fit, and this fit resumes from no checkpoint: its budget was spent by that fit. "
+                "Create a new DifferentialPrivacy for a new run, or pass ckpt_path=... to continue the earlier one."
+            )
         self._trainer = trainer
         checks.check_trainer(trainer, pl_module, self.clipping, DifferentialPrivacy)
         if self.fix_model:
@@ -221,6 +239,9 @@ class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
         checks.raise_on_incompatible_layers(pl_module)
         self._token = uuid.uuid4().hex
         self._loader_built = False
+        # before anything can build the training loader (configure_optimizers reading
+        # trainer.estimated_stepping_batches does, inside strategy.setup, before on_fit_start)
+        self.randomness.start(trainer.strategy.root_device)
         self._restore_patches()
         if self.poisson_sampling:
             loader.install(trainer, lambda user_loader: self._poisson_loader(user_loader, trainer), self._patch)
@@ -239,10 +260,36 @@ class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
         elif accumulate > 1:
             # Lightning divides the loss by accumulate_grad_batches before backward; per-sample gradients must be
             # those of each sample's own loss, so undo it (the DP optimizer normalises once per optimizer step).
+            names = {id(p): n for n, p in pl_module.named_parameters()}
+
             def backward(loss: Tensor, *args: Any, **kwargs: Any) -> None:
+                params = list(self._dp_optimizer.params) if self._dp_optimizer is not None else []
+                before = [_grad_sample_entries(p) for p in params]
                 original_backward(loss * accumulate, *args, **kwargs)
+                self._check_same_parameters_every_micro_batch(params, before, names, accumulate)
 
             self._patch(pl_module, "backward", backward)
+
+    def _check_same_parameters_every_micro_batch(self, params: list[Any], before: list[int], names: dict[int, str],
+                                                 accumulate: int) -> None:
+        """Opacus' per-sample gradients of one optimizer step are concatenated per parameter over its micro-batches;
+        a parameter used in only some of them (a dynamic graph) cannot be aligned with the others' samples."""
+        if not any(before):
+            self._step_participants = None  # the first micro-batch of an optimizer step
+        grew = frozenset(i for i, p in enumerate(params) if _grad_sample_entries(p) > before[i])
+        if not grew:
+            return  # no per-sample gradient at all (an empty micro-batch)
+        if self._step_participants is None:
+            self._step_participants = grew
+        elif grew != self._step_participants:
+            odd = sorted(names.get(id(params[i]), f"#{i}") for i in grew ^ self._step_participants)
+            raise ValueError(
+                f"DifferentialPrivacy(grad_sample_mode={self.grad_sample_mode!r}) with accumulate_grad_batches="
+                f"{accumulate}: the parameters {', '.join(odd[:5])}{', ...' if len(odd) > 5 else ''} got per-sample "
+                "gradients in only some micro-batches of one optimizer step (a dynamic graph), so their per-sample "
+                "gradients cannot be aligned with the other parameters' samples. Use grad_sample_mode='ghost' (which "
+                "handles it), accumulate_grad_batches=1, or use every trainable parameter in every micro-batch."
+            )
 
     def _patch(self, obj: object, name: str, fn: Callable[..., Any]) -> None:
         self._patched.append((obj, name, obj.__dict__.get(name, _MISSING)))
@@ -257,6 +304,9 @@ class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
         self._patched = []
 
     def _poisson_loader(self, user_loader: Any, trainer: pl.Trainer) -> DataLoader:
+        if not self.randomness.started:  # setup always starts it; a loader built outside a fit gets secret ones too
+            strategy = getattr(trainer, "strategy", None)
+            self.randomness.start(getattr(strategy, "root_device", torch.device("cpu")))
         rebuilt, geometry = loader.poisson_loader(
             user_loader, world_size=trainer.world_size, rank=trainer.global_rank,
             accumulate=trainer.accumulate_grad_batches, generator=self.randomness.sampling,
@@ -266,15 +316,18 @@ class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
         return rebuilt
 
     def _set_geometry(self, geometry: loader.LoaderGeometry) -> None:
+        previous = self.sample_rate
         self.sample_rate = geometry.sample_rate
         self.expected_batch_size = geometry.sample_rate * geometry.dataset_size
         self._steps_per_epoch = geometry.steps_per_epoch
+        if self._fitting and previous is not None and previous != geometry.sample_rate:
+            assert self._trainer is not None
+            self._rate_changed_mid_fit(self._trainer, previous)
 
     # ------------------------------------------------------------------ fit start: data, noise, optimizer
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         checks.raise_on_incompatible_layers(pl_module)  # layers created in configure_model
-        self.randomness.start(pl_module.device)
         if self.randomness.reproducible:
             rank_zero_warn(_REPRODUCIBLE_WARNING.format(seed=self.seed))
         restored_rate, restored_spe = self.sample_rate, self._steps_per_epoch
@@ -292,6 +345,7 @@ class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
         self._resolve_noise(trainer, planned, restored_rate, restored_spe)
         self._wrap_optimizer(trainer, pl_module)
         self._allowed_steps = self._compute_allowed_steps()
+        self._fitting = True
 
     # ------------------------------------------------------------------ per batch
 
@@ -366,8 +420,11 @@ class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
     def _cleanup(self, pl_module: pl.LightningModule) -> None:
         from opacus.utils.module_utils import trainable_modules
 
+        self._fitting = False
+        self._ended_a_fit = True
         self._restore_patches()
         self._remove_hooks()
+        self.randomness.stop()
         for p in pl_module.parameters():  # fp32 sums the DP optimizer keeps between its steps
             p.__dict__.pop("_optx_clipped_sum", None)
             p.__dict__.pop("_optx_noised", None)
@@ -409,4 +466,5 @@ class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
         self._steps_per_epoch = state_dict.get("steps_per_epoch")
         self._restored_max_grad_norm = state_dict.get("max_grad_norm")
         self._eps_cache = None
+        self._ended_a_fit = False
 

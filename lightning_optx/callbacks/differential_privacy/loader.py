@@ -12,6 +12,7 @@ same Poisson batches, and Lightning's own re-creation under DDP keeps them (the 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -71,7 +72,7 @@ def check_rebuildable(loader: Any) -> DataLoader:
 
 
 def poisson_loader(loader: DataLoader, *, world_size: int, rank: int, accumulate: int, generator: Any,
-                   seed: int, epoch_source: Callable[[], int], token: str) -> tuple[DataLoader, LoaderGeometry]:
+                   seed: int | None, epoch_source: Callable[[], int], token: str) -> tuple[DataLoader, LoaderGeometry]:
     """A DataLoader over ``loader``'s data set with Poisson batches (Opacus' collate for empty batches)."""
     from opacus.data_loader import dtype_safe, shape_safe, wrap_collate_with_empty
 
@@ -100,6 +101,11 @@ def poisson_loader(loader: DataLoader, *, world_size: int, rank: int, accumulate
         epoch_source=epoch_source,
         token=token,
     )
+    collate = wrap_collate_with_empty(collate_fn=loader.collate_fn, sample_empty_shapes=shapes, dtypes=dtypes)
+    # Opacus' wrapper learns the structure of an empty batch from the first non-empty one it collates; with workers
+    # each worker has its own copy, so a worker whose first Poisson batch is empty returned a bare list (a crash for
+    # a dict-returning collate_fn). Give it that structure now, in the main process, before workers copy it.
+    collate.first_batch = copy.deepcopy(loader.collate_fn([first])) if loader.collate_fn is not None else [first]
     kwargs: dict[str, Any] = {}
     if loader.num_workers > 0:
         kwargs = {"prefetch_factor": loader.prefetch_factor, "persistent_workers": loader.persistent_workers}
@@ -107,7 +113,7 @@ def poisson_loader(loader: DataLoader, *, world_size: int, rank: int, accumulate
         dataset,
         batch_sampler=batch_sampler,
         num_workers=loader.num_workers,
-        collate_fn=wrap_collate_with_empty(collate_fn=loader.collate_fn, sample_empty_shapes=shapes, dtypes=dtypes),
+        collate_fn=collate,
         pin_memory=loader.pin_memory,
         timeout=loader.timeout,
         worker_init_fn=loader.worker_init_fn,

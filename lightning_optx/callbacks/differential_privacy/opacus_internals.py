@@ -5,8 +5,9 @@ a Lightning callback cannot hand those over, so :class:`DifferentialPrivacy` bui
 building blocks and overrides a few of their methods. Those blocks are not all public: names with a leading
 underscore, module paths that are not re-exported, attributes the hooks leave on layers and parameters, and
 methods whose *behaviour* is overridden. They are listed below with the Opacus versions they were checked
-against. :func:`missing_internals` imports and looks up each one; the callback calls it at construction and the
-test suite calls it with :func:`probe_hook_attributes`, so an Opacus release that moves one fails with a message
+against. :func:`missing_internals` imports and looks up each one, :func:`probe_hook_attributes` runs Opacus'
+hooks and optimizers on a one-layer model for the run-time attributes; the callback calls both at construction
+(the probe once per process) and so does the test suite, so an Opacus release that moves one fails with a message
 naming it instead of training with a silently different mechanism.
 
 Lightning: the training data source (``trainer.fit_loop._data_source``) is private too; it is how every data
@@ -22,6 +23,7 @@ Examples:
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from typing import Any
@@ -57,6 +59,8 @@ OPACUS_INTERNALS: tuple[tuple[str, str, str], ...] = (
     ("opacus.grad_sample", "GradSampleHooksFastGradientClipping.cleanup", "removes the hooks"),
     ("opacus.grad_sample", "GradSampleHooksFastGradientClipping.GRAD_SAMPLERS", "per-sample gradient formulas"),
     ("opacus.grad_sample", "GradSampleHooksFastGradientClipping.NORM_SAMPLERS", "ghost-norm formulas"),
+    ("opacus.data_loader", "CollateFnWithEmpty._make_empty_batch", "an empty batch shaped like `first_batch`, "
+     "which the loader sets before workers copy the collate function"),
     ("opacus.grad_sample.functorch", "ft_compute_per_sample_gradient", "per-sample gradients, other layers"),
     ("opacus.grad_sample.functorch", "prepare_layer", "per-sample gradients, other layers"),
     ("opacus.layers.dp_rnn", "DPRNN", "layers the ghost hooks skip (their cells are hooked)"),
@@ -76,12 +80,29 @@ OPACUS_INTERNALS: tuple[tuple[str, str, str], ...] = (
     ("opacus.accountants.utils", "get_noise_multiplier", "noise calibration for target_epsilon"),
 )
 
-#: Attributes Opacus' hooks set at run time (checked by :func:`probe_hook_attributes`, not by import).
+#: Attributes Opacus' hooks and optimizers set or read at run time, which the callback reads or writes (checked
+#: by :func:`probe_hook_attributes` on a one-layer model and a DP optimizer around it, not by import).
 OPACUS_RUNTIME_ATTRIBUTES: tuple[tuple[str, str], ...] = (
     ("parameter", "_forward_counter"),
     ("parameter", "grad_sample"),
+    ("parameter", "summed_grad"),
     ("layer", "activations"),
+    ("layer", "max_batch_len"),
+    ("hooks", "hooks_enabled"),
+    ("hooks", "force_functorch"),
+    ("hooks", "use_ghost_clipping"),
+    ("hooks", "_module"),
+    ("hooks", "autograd_grad_sample_hooks"),
+    ("optimizer", "generator"),
+    ("optimizer", "expected_batch_size"),
+    ("optimizer", "noise_multiplier"),
+    ("optimizer", "max_grad_norm"),
+    ("DistributedDPOptimizer", "rank"),
+    ("DistributedDPOptimizer", "world_size"),
+    ("AdaClipDPOptimizer", "sample_size"),
+    ("AdaClipDPOptimizer", "unclipped_num"),
 )
+
 
 #: The Lightning internal the loader rebuild relies on: (object path on a Trainer, attribute, why).
 LIGHTNING_INTERNALS: tuple[tuple[str, str, str], ...] = (
@@ -110,6 +131,8 @@ def missing_internals() -> list[str]:
 def require_internals() -> None:
     """Raise an ``ImportError`` naming the moved internals and the Opacus versions they were checked against."""
     missing = missing_internals()
+    if not missing:
+        missing = _probed_once()
     if missing:
         import opacus
 
@@ -121,26 +144,60 @@ def require_internals() -> None:
         )
 
 
+@functools.cache
+def _probed_once() -> list[str]:
+    return probe_hook_attributes()
+
+
 def probe_hook_attributes() -> list[str]:
-    """Run Opacus' hooks on a one-layer model and return the run-time attributes that did not appear."""
+    """Run Opacus' hooks and DP optimizers on a one-layer model and return the run-time attributes of
+    :data:`OPACUS_RUNTIME_ATTRIBUTES` that did not appear (the distributed optimizer, which needs a process
+    group, is checked on its constructor's source)."""
+    import inspect
+
     import torch
+    from opacus.grad_sample import GradSampleHooksFastGradientClipping
     from opacus.grad_sample.utils import get_hooks_class
+    from opacus.optimizers import AdaClipDPOptimizer, DistributedDPOptimizer, DPOptimizer
+
+    found: set[tuple[str, str]] = set()
+
+    def look(kind: str, obj: Any, names: tuple[str, ...]) -> None:
+        found.update((kind, n) for n in names if hasattr(obj, n))
 
     layer = torch.nn.Linear(2, 1)
+    x = torch.ones(3, 2, requires_grad=True)  # (an input that needs a gradient keeps the full backward hook quiet)
     hooks = get_hooks_class("hooks")(layer, batch_first=True, loss_reduction="sum")
-    missing = []
     try:
-        out = layer(torch.ones(3, 2))
-        if not hasattr(layer, "activations"):
-            missing.append("layer.activations")
-        if not hasattr(layer.weight, "_forward_counter"):
-            missing.append("parameter._forward_counter")
+        look("hooks", hooks, ("hooks_enabled", "force_functorch", "_module", "autograd_grad_sample_hooks"))
+        out = layer(x)
+        look("layer", layer, ("activations",))
+        look("parameter", layer.weight, ("_forward_counter",))
         out.sum().backward()
-        if getattr(layer.weight, "grad_sample", None) is None:
-            missing.append("parameter.grad_sample")
+        if getattr(layer.weight, "grad_sample", None) is not None:
+            found.add(("parameter", "grad_sample"))
+        optimizer = DPOptimizer(torch.optim.SGD(layer.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=1.0,
+                                expected_batch_size=3)
+        look("optimizer", optimizer, ("generator", "expected_batch_size", "noise_multiplier", "max_grad_norm"))
+        optimizer.clip_and_accumulate()
+        look("parameter", layer.weight, ("summed_grad",))
+        layer(x)  # two forwards, one backward: an activation (and with it max_batch_len) is left on the layer
+        layer(x).sum().backward()
+        look("layer", layer, ("max_batch_len",))
     finally:
         hooks.cleanup()
-    return missing
+    ghost = GradSampleHooksFastGradientClipping(torch.nn.Linear(2, 1), batch_first=True, loss_reduction="sum")
+    try:
+        look("hooks", ghost, ("use_ghost_clipping",))
+    finally:
+        ghost.cleanup()
+    adaclip = AdaClipDPOptimizer(torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1), noise_multiplier=0.0,
+                                 target_unclipped_quantile=0.5, clipbound_learning_rate=0.2, max_clipbound=10.0,
+                                 min_clipbound=0.1, unclipped_num_std=1.0, max_grad_norm=1.0, expected_batch_size=3)
+    look("AdaClipDPOptimizer", adaclip, ("sample_size", "unclipped_num"))
+    source = inspect.getsource(DistributedDPOptimizer.__init__)
+    found.update(("DistributedDPOptimizer", n) for n in ("rank", "world_size") if f"self.{n} =" in source)
+    return [f"{kind}.{name}" for kind, name in OPACUS_RUNTIME_ATTRIBUTES if (kind, name) not in found]
 
 
 def lightning_data_source(trainer: Any) -> Any:
