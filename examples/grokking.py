@@ -1,30 +1,33 @@
-"""Grokking on modular addition, with and without the Grokfast callback.
+"""Grokking on modular addition, with and without the Grokfast callback (``make demo``).
 
-What it shows: a small transformer trained on half of the table ``a + b mod 97``. Without a gradient
-filter (baseline) its training accuracy climbs over a few thousand steps while validation accuracy stays
-near zero: it fits the training half long before it generalises. With ``lightning_optx.Grokfast`` added to
-the ``Trainer`` (which amplifies the slow component of the gradients), the same model, seed, batches and
-optimizer reach 95% validation accuracy after about 1,200 steps, while the baseline needs about 5,000.
-The ``LightningModule`` knows nothing about Grokfast: the callback is added from outside.
+What it shows (the default ``--preset demo``): a small network trained on 30% of the table ``a + b mod 97``
+fits its training set within a few hundred steps while validation accuracy stays at zero, and generalises
+thousands of steps later: grokking. With ``lightning_optx.Grokfast`` added to the ``Trainer`` (it amplifies
+the slow component of the gradients), the same model, seed, batches and optimizer generalise in less than
+half the steps. The ``LightningModule`` knows nothing about Grokfast: the callback is added from outside.
+Measured (seed 0, 1 thread, a shared 2-core machine): baseline memorised at step 450 and generalised (95%
+validation accuracy) at 5,200; Grokfast-EMA (alpha 0.98, lamb 5) at 250 and 2,400; 55 s of training for both.
 
-Setup (as in the Grokfast paper's code, Lee et al. 2024): sequences ``a, op, b, =``, the answer is
-predicted from the last position; decoder-only transformer with token and learned position embeddings,
-2 layers, width 128, 4 heads; ``torch.optim.Adam`` with weight decay 0.005 (an L2 term, as in the paper's
-code; ``--optimizer adamw`` for decoupled decay), lr 1e-3, betas (0.9, 0.98), 10 warm-up steps,
-minibatch 512, a seeded 50% train split. The comment above ``DEFAULTS`` lists what other settings gave.
+The demo's model is ``EmbedMLP`` (embeddings of ``a`` and ``b``, one hidden ReLU layer of 256), with
+``torch.optim.Adam`` lr 1e-3, betas (0.9, 0.98), L2 weight decay 0.001, minibatch 512; the comment above
+``DEMO`` lists the settings searched and what they gave. ``--preset transformer`` runs the Grokfast paper's
+model instead (decoder-only transformer, 2 layers, width 128, 4 heads, Adam with L2 weight decay 0.005, a 50%
+train split): slower, and its baseline takes thousands of steps to fit the training half.
 
-Run (``make demo`` runs the first line; about 3 minutes on 2 CPU cores)::
+Run::
 
-    python examples/grokking.py                        # baseline vs Grokfast-EMA, 3000 steps at most
+    python examples/grokking.py                        # the demo: baseline vs Grokfast-EMA (~1 minute)
     python examples/grokking.py --grokfast all         # baseline, Grokfast-EMA and Grokfast-MA
-    python examples/grokking.py --no-stop-at-95 --steps 6000   # run past 95%, until step 6000
+    python examples/grokking.py --preset transformer   # the paper's transformer (a few minutes)
+    python examples/grokking.py --no-stop-at-95 --steps 9000   # run past 95%, until step 9000
     tensorboard --logdir runs/grokking
 
 A run stops at its first validation with 95% accuracy (``--no-stop-at-95`` to keep going). The script
-writes TensorBoard logs and ``accuracy.png`` (train and validation accuracy against optimizer step, every
-run) under ``--out-dir`` and prints one summary line per run. The reusable pieces
-(``modular_addition_data``, ``Decoder``, ``GrokkingModule``, ``StopAtAccuracy``, ``train_run``) are
-imported by ``benchmarks/grokfast.py``.
+prints progress, then a table of the step where each run memorised (train accuracy >= 99%) and generalised
+(validation accuracy >= 95%), and writes TensorBoard logs and ``accuracy.png`` (train and validation accuracy
+against optimizer step, every run) under ``--out-dir``. The reusable pieces (``modular_data``, ``Decoder``,
+``EmbedMLP``, ``GrokkingModule``, ``StopAtAccuracy``, ``train_run``) are imported by
+``benchmarks/grokfast.py``.
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ DEFAULTS: dict[str, Any] = dict(
 )
 DEFAULT_STEPS = 3000
 DEFAULT_VAL_EVERY = 50
+TRAIN_LOG_EVERY = 50  # steps between train/loss and train/acc points in TensorBoard
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -291,8 +295,9 @@ class GrokkingModule(pl.LightningModule):
             correct = (logits.argmax(-1) == y).sum()
             n = loss.new_tensor(float(len(y)))
             self._train_sums += torch.stack([loss.detach() * n, correct.float(), n])
-        self.log("train/loss", loss, on_step=True, on_epoch=False)
-        self.log("train/acc", correct / len(y), on_step=True, on_epoch=False)
+        if self.global_step % TRAIN_LOG_EVERY == 0:  # Lightning's per-call logging costs more than this step
+            self.log("train/loss", loss, on_step=True, on_epoch=False)
+            self.log("train/acc", correct / len(y), on_step=True, on_epoch=False)
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -545,11 +550,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stop-at-95", action=argparse.BooleanOptionalAction, default=True,
                         help="stop a run at its first validation with val acc >= 95%%")
     parser.add_argument("--out-dir", default="runs/grokking")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; the demo's steps are tiny, and more threads slow them on a busy machine")
     args = parser.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for flag, value in (("--steps", args.steps), ("--val-every", args.val_every), ("--batch-size", args.batch_size)):
+    for flag, value in (("--steps", args.steps), ("--val-every", args.val_every), ("--batch-size", args.batch_size),
+                        ("--threads", args.threads)):
         if value < 1:
             parser.error(f"{flag} must be >= 1, got {value}")
     return args
@@ -585,6 +593,7 @@ def quiet_lightning() -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     quiet_lightning()
+    torch.set_num_threads(args.threads)
     filters = {"both": ["none", "ema"], "all": ["none", "ema", "ma"]}.get(args.grokfast, [args.grokfast])
     module_kwargs = dict(
         p=DEFAULTS["p"],
