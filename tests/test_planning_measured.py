@@ -18,6 +18,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed as dist
@@ -139,7 +140,8 @@ def _measure_layout(cases: tuple[Case, ...]) -> list[dict[str, float]]:
         pl.seed_everything(0, workers=True, verbose=False)
         hook = _Counter()
         spec = StrategySpec.parse(case.spec)
-        trainer = pl.Trainer(
+        mark = _LedgerMark()
+        trainer = pl.Trainer(callbacks=[mark],
             accelerator="cpu", devices=case.run.processes, num_nodes=case.run.num_nodes,
             strategy=_build_strategy(spec), max_steps=case.steps, max_epochs=case.steps,
             logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -149,18 +151,33 @@ def _measure_layout(cases: tuple[Case, ...]) -> list[dict[str, float]]:
         if spec.flag == "ddp":
             module.on_fit_start = functools.partial(_register_hook, trainer, hook)  # type: ignore[method-assign]
         trainer.fit(module)
-        out.append({"steps": trainer.global_step, **_bytes_by_link(trainer, hook)})
+        out.append({"steps": trainer.global_step, **_bytes_by_link(trainer, hook, mark.records)})
     return out
 
 
-def _bytes_by_link(trainer: Any, hook: _Counter) -> dict[str, float]:
-    """Payload and wire bytes (sent + received) this rank put on each link class, the one-off "init" excluded."""
+class _LedgerMark(pl.Callback):
+    """How many records the ledger held when training ended, before the strategy's end-of-fit synchronisation
+    (a partial round, e.g. a fragment's, is not a per-step cost the planner models)."""
+
+    records: int | None = None
+
+    def on_train_end(self, trainer: Any, module: Any) -> None:
+        finish = getattr(trainer.strategy, "_finish_pending", None)
+        if finish is not None:  # an overlapped round issued during training: its collectives count (and are merged
+            finish()            # into the ledger when waited for); the end-of-fit sync would wait for it first
+        comm = getattr(trainer.strategy, "comm", None)
+        self.records = None if comm is None else len(comm.ledger.records)
+
+
+def _bytes_by_link(trainer: Any, hook: _Counter, upto: int | None) -> dict[str, float]:
+    """Payload and wire bytes (sent + received) this rank put on each link class during training, the one-off
+    "init" excluded."""
     comm = getattr(trainer.strategy, "comm", None)
     if comm is None:  # plain DDP on one node: the counted buckets, all-reduced among the ranks
         world = trainer.world_size
         return {"intra_node": hook.bytes, "intra_node_wire": 4 * (world - 1) * hook.bytes / world,
                 "inter_node": 0, "inter_node_wire": 0}
-    records = [r for r in comm.ledger.records if r.tag != "init"]
+    records = [r for r in comm.ledger.records[:upto] if r.tag != "init"]
     out: dict[str, float] = {}
     for link in ("intra_node", "inter_node"):
         out[link] = sum(r.payload_bytes for r in records if r.link == link)
