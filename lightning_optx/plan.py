@@ -108,9 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"strategies to plan (default: all of {', '.join(STRATEGY_DEFAULTS)}); options override "
                         "the defaults, e.g. local_sgd:period=16 diloco:inner_steps=100 ddp_powersgd:rank=8 "
                         "diloco:replica_size=8")
-    s.add_argument("--sparse-collective", choices=SPARSE_COLLECTIVES, default="all_gather",
-                   help="how sign / top-k payloads travel: all-gather (bytes grow with the nodes) or a two-stage "
-                        "compressed all-reduce")
+    s.add_argument("--sparse-collective", choices=SPARSE_COLLECTIVES, default="two_stage",
+                   help="how sign / top-k payloads travel: the two-stage compressed all-reduce the compressors run "
+                        "(default) or an all-gather of every rank's code (bytes grow with the nodes)")
     o = p.add_argument_group("output")
     o.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     o.add_argument("--plot", metavar="FILE.png", help="plot modeled speed-up vs inter-node bandwidth (0.1-400 Gbit/s)")

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
 
 from lightning_optx.compression import get_compressor
+from lightning_optx.compression.two_stage import chunk_numel, topk_per_chunk
 from lightning_optx.distributed import CollectiveRecord, LinkModel
 from lightning_optx.planning.options import StrategySpec
 
@@ -214,16 +215,30 @@ def _record(kind: str, payload: float, world: int, tag: str) -> CollectiveRecord
     return CollectiveRecord(kind, round(payload), world, tag=tag)  # type: ignore[arg-type]
 
 
-def _compressor_messages(settings: dict[str, Any], shapes: Sequence[tuple[int, ...]], sparse: str
+def _compressor_messages(settings: dict[str, Any], shapes: Sequence[tuple[int, ...]], sparse: str, world: int
                          ) -> list[tuple[str, int]]:
-    """``(kind, payload bytes)`` of one ``reduce_`` of the compressor over ``shapes`` (steady state)."""
+    """``(kind, payload bytes)`` of one ``reduce_`` of the compressor over ``shapes`` among ``world`` ranks
+    (steady state), one entry per collective the compressor issues, payloads as its ledger records them.
+
+    Sign and top-k: ``two_stage`` is what the compressors do (:mod:`lightning_optx.compression.two_stage`:
+    an all-to-all of every rank's chunks, then all-gathers of the reduced chunks; chunks shrink as ``world``
+    grows); ``all_gather`` models gathering every rank's whole code instead (what they did before).
+    """
     name = settings["compressor"]
     compressor: Any = get_compressor(name, **settings["compressor_options"])
     compressor.iteration = getattr(compressor, "start_iter", 0)  # past PowerSGD's uncompressed warm-up
     raw = packed = 0
     p_bytes = 0
+    stages: Counter[str] = Counter()
     for shape, count in Counter(tuple(s) for s in shapes).items():
         t = torch.empty(shape, device="meta")
+        if name in ("topk", "sign"):
+            if not compressor._compressible(t):
+                raw += count * 4 * t.numel()
+                continue
+            for kind, nbytes in _sparse_stages(compressor, name, t.numel(), sparse, world):
+                stages[kind] += count * nbytes
+            continue
         nbytes = compressor.payload_bytes([t], 2)
         if name not in ("fp16", "bf16") and nbytes == 4 * t.numel():
             raw += count * nbytes
@@ -235,13 +250,27 @@ def _compressor_messages(settings: dict[str, Any], shapes: Sequence[tuple[int, .
     messages = [("all_reduce", raw)] if raw else []
     if name == "powersgd" and packed:
         messages += [("all_reduce", p_bytes), ("all_reduce", packed - p_bytes)]
-    elif name in ("topk", "sign") and packed:
-        # all_gather: what the code on main does; two_stage: a DeepSpeed-style compressed all-reduce
-        # (all-to-all of chunks, then all-gather of the reduced chunks): 2 (n-1)/n x payload, as a ring all-reduce.
-        messages.append(("all_gather" if sparse == "all_gather" else "all_reduce", packed))
     elif packed:
         messages.append(("all_reduce", packed))
-    return messages
+    return messages + [(kind.split(":")[0], nbytes) for kind, nbytes in stages.items()]
+
+
+def _sparse_stages(compressor: Any, name: str, numel: int, sparse: str, world: int) -> list[tuple[str, int]]:
+    """The collectives (``"kind:stage"``, payload bytes) one compressed tensor of sign / top-k takes part in."""
+    if name == "sign":
+        if sparse == "all_gather":  # a 4-byte scale and one bit per entry, gathered from every rank
+            return [("all_gather:code", 4 + math.ceil(numel / 8))]
+        chunk_bytes = chunk_numel(numel, world, multiple=8) // 8
+        return [("all_to_all:bits", world * chunk_bytes), ("all_gather:scales", 4),
+                ("all_gather:server", 4 + chunk_bytes)]
+    k = compressor.k_for(numel)
+    if sparse == "all_gather":  # (value, index) pairs
+        return [("all_gather:code", 8 * k)]
+    pairs = 8 * topk_per_chunk(numel, k, world)
+    return [("all_to_all:pairs", world * pairs), ("all_gather:server", pairs)]
+
+
+Messages = Callable[[int], list[tuple[str, int]]]
 
 
 def _within_replica(payload: float, replica: int, cluster: Cluster, tag: str
@@ -256,31 +285,25 @@ def _within_replica(payload: float, replica: int, cluster: Cluster, tag: str
     return out
 
 
-def _across_replicas(messages: list[tuple[str, int]], full_bytes: int, replica: int, cluster: Cluster, tag: str
+def _across_replicas(messages: Messages, full_bytes: int, replica: int, cluster: Cluster, tag: str
                      ) -> list[tuple[CollectiveRecord, LinkClass]]:
-    """Average across replicas: ``messages`` (a compressor's, or one fp32 all-reduce) across nodes, at full
-    precision inside a node; all inside one node: ``messages`` among its replicas. ``full_bytes``: the
-    uncompressed payload (what a node-replica all-gathers of the averaged shards)."""
+    """Average across replicas: ``messages(world)`` (a compressor's collectives among ``world`` ranks, or one
+    fp32 all-reduce). Replicas of whole nodes: process ``i`` of every replica averages the whole payload with
+    process ``i`` of the others (the strategies' groups of equal local index, see
+    ``OptxDDPStrategy._build_groups``), so every process carries the full payload across nodes, in parallel on
+    its own link, and no gather follows. Several replicas per node on several nodes (compressed DDP: one per
+    process): a full-precision fp32 all-reduce of ``full_bytes`` inside the node, then ``messages`` across nodes
+    among the processes of equal local index. All inside one node: ``messages`` among its replicas."""
     g, nodes = cluster.gpus_per_node, cluster.nodes
     replicas = cluster.world_size // replica
     if replicas == 1:
         return []
     if nodes == 1:
-        return [(_record(k, b, replicas, tag), "intra") for k, b in messages]
+        return [(_record(k, b, replicas, tag), "intra") for k, b in messages(replicas)]
     if replica >= g:
-        # whole nodes per replica, holding identical copies: each of the replica's GPUs averages a 1/replica shard
-        # with its peers in the other replicas, then the replica all-gathers the averaged shards, decompressed
-        # (fp32, `full_bytes`): inside each node, then across the replica's nodes
-        share = g / replica
-        synced: list[tuple[CollectiveRecord, LinkClass]] = [
-            (_record(k, b * share, replicas, tag), "inter") for k, b in messages]
-        if g > 1:
-            synced.append((_record("all_gather", full_bytes / replica, g, tag), "intra"))
-        if replica > g:
-            synced.append((_record("all_gather", full_bytes * share, replica // g, tag), "inter"))
-        return synced
+        return [(_record(k, b, replicas, tag), "inter") for k, b in messages(replicas)]
     out: list[tuple[CollectiveRecord, LinkClass]] = [(_record("all_reduce", full_bytes, g // replica, tag), "intra")]
-    return out + [(_record(k, b, nodes, tag), "inter") for k, b in messages]
+    return out + [(_record(k, b, nodes, tag), "inter") for k, b in messages(nodes)]
 
 
 def _replica_size(settings: dict[str, Any], cluster: Cluster) -> int:
@@ -312,11 +335,14 @@ def collectives_for(spec: StrategySpec | str, workload: Workload, cluster: Clust
         averaged += 4 * workload.buffer_numel * bool(s["average_buffers"])
         averaged += 4 * s["optimizer_state_tensors"] * params * bool(s["average_optimizer_state"])
         per_step = _within_replica(workload.grad_bytes * params, replica, cluster, "grad")
-        sync = _across_replicas([("all_reduce", averaged)], averaged, replica, cluster, "params")
+        sync = _across_replicas(lambda world: [("all_reduce", averaged)], averaged, replica, cluster, "params")
         return ([PlannedCollective(r, link, 1, "backward") for r, link in per_step]
                 + [PlannedCollective(r, link, s["period"]) for r, link in sync])
-    messages = (_compressor_messages(s, shapes, spec.sparse_collective) if s["compressor"] is not None
-                else [("all_reduce", fp32)])
+    def messages(world: int) -> list[tuple[str, int]]:
+        if s["compressor"] is None:
+            return [("all_reduce", fp32)]
+        return _compressor_messages(s, shapes, spec.sparse_collective, world)
+
     if "inner_steps" in s:  # DiLoCo
         if s["fragments"] > len(shapes):
             raise ValueError(f"`fragments` must be at most the number of parameters ({len(shapes)}), got "

@@ -81,10 +81,10 @@ class StrategySpec:
 
     flag: str
     options: dict[str, Any] = field(default_factory=dict)
-    sparse_collective: str = "all_gather"
+    sparse_collective: str = "two_stage"
 
     @classmethod
-    def parse(cls, text: str, sparse_collective: str = "all_gather") -> StrategySpec:
+    def parse(cls, text: str, sparse_collective: str = "two_stage") -> StrategySpec:
         flag, _, rest = text.partition(":")
         options: dict[str, Any] = {}
         for item in filter(None, rest.split(",")):

@@ -289,8 +289,10 @@ class OptxDDPStrategy(DDPStrategy):
             return
         ledger = self.comm.ledger
         step_bytes = ledger.bytes_for_step(self.optimizer_steps - 1)
-        # bytes on the wire (sent + received) against an fp32 ring all-reduce of every gradient every step
-        baseline = wire_bytes("all_reduce", self._fp32_grad_bytes, self.comm.world_size) * self.optimizer_steps
+        # bytes on the wire (sent + received) against plain DDP: an fp32 ring all-reduce of every gradient among
+        # all ranks every step (with node replicas ``comm`` spans one rank per replica only)
+        world = self.world_comm.world_size
+        baseline = wire_bytes("all_reduce", self._fp32_grad_bytes, world) * self.optimizer_steps
         ratio = baseline / ledger.total_wire_bytes if ledger.total_wire_bytes else float("inf")
         metrics = {
             "comm/bytes_per_step": float(step_bytes),

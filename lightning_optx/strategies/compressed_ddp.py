@@ -10,7 +10,7 @@ from torch import Tensor
 from lightning_optx.compression import COMPRESSORS, Compressor, get_compressor
 from lightning_optx.distributed import agree, all_reduce_mean_coalesced_
 from lightning_optx.functional.common import all_finite
-from lightning_optx.strategies._ddp_base import OptxDDPStrategy
+from lightning_optx.strategies._ddp_base import OptxDDPStrategy, local_ddp_kwargs
 
 
 class CompressedDDPStrategy(OptxDDPStrategy):
@@ -36,6 +36,11 @@ class CompressedDDPStrategy(OptxDDPStrategy):
     the node's average as input, so every process ends with the same result. Each of the node's processes
     carries the full compressed payload across nodes, in parallel on its own links; the ledger counts the two
     stages as ``comm/intra_node_bytes`` and ``comm/inter_node_bytes``.
+
+    **Buffers** (BatchNorm statistics): as with DDP's default ``broadcast_buffers=True``, every rank uses rank 0's
+    buffers, but they are broadcast through the ledger (tag ``"buffers"``, one broadcast per dtype) after each
+    optimizer step rather than by DDP before every forward, outside it. Training-mode forwards are unchanged
+    (BatchNorm normalises with the batch's statistics); ``broadcast_buffers=False`` leaves each rank its own.
 
     Args:
         compressor: a :class:`~lightning_optx.compression.Compressor` or one of ``"powersgd"``, ``"topk"``,
@@ -76,7 +81,9 @@ class CompressedDDPStrategy(OptxDDPStrategy):
             if compressor not in ("fp16", "bf16"):
                 options.setdefault("error_feedback", error_feedback)
             self.compressor = get_compressor(compressor, **options)
-        super().__init__(**kwargs)
+        self.broadcast_buffers = bool(kwargs.pop("broadcast_buffers", True))
+        kwargs.pop("forward_sync_buffers", None)
+        super().__init__(**local_ddp_kwargs(kwargs, "CompressedDDPStrategy"))
         self.check_finite = check_finite
         self.skipped_nonfinite_syncs = 0
 
@@ -116,6 +123,22 @@ class CompressedDDPStrategy(OptxDDPStrategy):
         self.compressor.end_iteration()
         if scale != 1.0:
             torch._foreach_mul_(tensors, scale)
+
+    def _after_optimizer_step(self) -> None:
+        if not self.broadcast_buffers or not self.world_comm.active:
+            return
+        assert self.lightning_module is not None
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for b in self.lightning_module.buffers():
+            by_dtype.setdefault(b.dtype, []).append(b)
+        with torch.no_grad():
+            for buffers in by_dtype.values():
+                flat = torch.cat([b.detach().reshape(-1) for b in buffers])
+                self.world_comm.broadcast_(flat, src=0, tag="buffers")
+                offset = 0
+                for b in buffers:
+                    b.detach().copy_(flat[offset:offset + b.numel()].view_as(b))
+                    offset += b.numel()
 
     def _extra_metrics(self) -> dict[str, float]:
         return {"comm/compression_level": float(self.compressor.level)}

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.nn import Parameter
 
 from lightning_optx.compression import COMPRESSORS, Compressor, get_compressor
-from lightning_optx.distributed import Communicator, all_reduce_mean_coalesced_, strict_collectives
+from lightning_optx.distributed import CommLedger, Communicator, all_reduce_mean_coalesced_, strict_collectives
 from lightning_optx.functional import diloco as D
 from lightning_optx.strategies._ddp_base import OptxDDPStrategy, check_replica_size, local_ddp_kwargs
 
@@ -29,7 +29,9 @@ class _Pending:
     """A pseudo-gradient average in flight (overlap mode), or its result once known.
 
     ``views`` are the per-tensor results; for the uncompressed path they are views into ``flat``, the one
-    buffer the asynchronous all-reduce sums into.
+    buffer the asynchronous all-reduce sums into. A background (compressed) average records its collectives
+    in its own ``records`` ledger; :meth:`wait` moves them into ``ledger`` on the main thread, so the logged
+    byte totals do not depend on how far the background thread happens to be when a step is logged.
     """
 
     views: list[Tensor]
@@ -37,6 +39,8 @@ class _Pending:
     work: Any = None
     future: Future[Any] | None = None
     world: int = 1
+    records: CommLedger | None = None
+    ledger: CommLedger | None = None
 
     def wait(self) -> list[Tensor]:
         if self.work is not None:
@@ -47,6 +51,10 @@ class _Pending:
         if self.future is not None:
             self.future.result()  # re-raises what the background average raised
             self.future = None
+        if self.records is not None and self.ledger is not None:
+            for record in self.records.records:
+                self.ledger.add(record)
+            self.records = None
         return self.views
 
 
@@ -320,7 +328,13 @@ class DiLoCoStrategy(OptxDDPStrategy):
             # One worker: background averages (of several fragments) run in submission order, the same on
             # every rank, so their collectives never interleave.
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diloco-average")
-        return _Pending(tensors, future=self._executor.submit(self._average_in_background, tensors, frag, comm))
+        # The worker records into a ledger of its own, merged into the strategy's when the round is waited for.
+        records = CommLedger()
+        worker_comm = Communicator(comm.group, ledger=records, overlapped=True, link=comm.link, device=comm.device,
+                                   check_devices=comm.check_devices)
+        worker_comm.step = comm.step
+        return _Pending(tensors, future=self._executor.submit(self._average_in_background, tensors, frag, worker_comm),
+                        records=records, ledger=comm.ledger)
 
     def _average_in_background(self, tensors: list[Tensor], frag: _Fragment, comm: Communicator) -> list[Tensor]:
         with strict_collectives(comm.check_devices), torch.no_grad():  # thread-local: set again in the worker
@@ -377,10 +391,13 @@ class DiLoCoStrategy(OptxDDPStrategy):
             frag.pending = None
         if self.optimizer_steps > round_start:
             self.rounds += 1
-            origin = frag.start if frag.start is not None else [g.to(p.device) for g, p in
-                                                                zip(frag.global_params, frag.params)]
             self.comm.step = self.optimizer_steps
-            self._outer_step(frag, self._average(D.pseudo_gradients(origin, frag.params), frag, self.comm))
+            if frag.start is None and not self.adaptive_compression:
+                self._bucketed_outer_step(frag)  # the same bucketed step as every other sync
+            else:
+                origin = frag.start if frag.start is not None else [g.to(p.device) for g, p in
+                                                                    zip(frag.global_params, frag.params)]
+                self._outer_step(frag, self._average(D.pseudo_gradients(origin, frag.params), frag, self.comm))
         for p, g in zip(frag.params, frag.global_params):
             p.copy_(g.to(p.device, p.dtype))
         if frag.start is not None:

@@ -72,13 +72,16 @@ def test_raw_rule() -> None:
     out = _reduce(topk, grads)
     assert all(torch.equal(out[k], grads[k]) for k in SHAPES)
     assert topk.payload_bytes(list(grads.values()), 2) == 4 * (200 + 10 + 4)
-    assert TopK(density=0.49).payload_bytes([grads["w"]], 2) == 8 * 98
+    # k = 98 pairs of 8 bytes, two-stage on 2 ranks: each rank sends its ceil(98 / 2) pairs per chunk of both chunks
+    # (all-to-all) and gathers its server chunk's 49 pairs: 8 x (2 + 1) x 49
+    assert TopK(density=0.49).payload_bytes([grads["w"]], 2) == 8 * 3 * 49
 
 
 def test_payload_bytes() -> None:
     grads = _grads(0)
     topk = TopK(density=0.05)
-    assert topk.payload_bytes(list(grads.values()), 2) == 8 * 10 + 8 * 1 + 4 * 10
+    # two-stage, 2 ranks: 8 (n + 1) ceil(k / n) per compressed tensor (k = 10 and 1), fp32 for the bias
+    assert topk.payload_bytes(list(grads.values()), 2) == 8 * 3 * 5 + 8 * 3 * 1 + 4 * 10
     assert topk.payload_bytes(list(grads.values()), 1) == 0
     assert TopK(density=0.001).compression_ratio([torch.zeros(1000, 1000)], 2) == pytest.approx(500.0)
 
@@ -144,7 +147,7 @@ def test_density_is_the_level_and_can_change() -> None:
     topk = TopK(density=0.1)
     assert topk.level == 0.1
     topk.density = 0.2
-    assert topk.payload_bytes([torch.zeros(10, 10)], 2) == 8 * 20
+    assert topk.payload_bytes([torch.zeros(10, 10)], 2) == 8 * 3 * 10  # k = 20, two-stage on 2 ranks
     with pytest.raises(ValueError, match="`density`"):
         topk.density = 0.0
 

@@ -38,16 +38,17 @@ class StopAfterEpoch(Callback):
 
 def check_resume_equivalence(
     job: TrainJob, total_epochs: int, split_epoch: int, tmp_dir: str, world_size: int = 1,
-    interrupt: Literal["crash", "stop"] = "crash",
+    interrupt: Literal["crash", "stop"] = "crash", num_nodes: int = 1,
 ) -> tuple[list[RankResult], list[RankResult]]:
     """Assert that interrupting after ``split_epoch`` epochs and resuming gives the uninterrupted run bit for bit.
 
     Compares, on every rank, the parameters, buffers, optimizer state, every callback's ``state_dict`` and
-    the global step. Returns ``(straight, resumed)`` for further assertions.
+    the global step; ``num_nodes`` lays ``world_size`` processes out as that many nodes. Returns
+    ``(straight, resumed)`` for further assertions.
     """
     assert 0 < split_epoch < total_epochs
     kwargs = {**job.trainer_kwargs, "max_epochs": total_epochs}
-    straight = run_job(dataclasses.replace(job, trainer_kwargs=kwargs), world_size)
+    straight = run_job(dataclasses.replace(job, trainer_kwargs=kwargs), world_size, num_nodes=num_nodes)
     if interrupt == "crash":
         steps_per_epoch, rest = divmod(straight[0].global_step, total_epochs)
         assert rest == 0, "every epoch must take the same number of optimizer steps"
@@ -60,9 +61,10 @@ def check_resume_equivalence(
         ckpt = os.path.join(tmp_dir, "split.ckpt")
         interrupted = dataclasses.replace(job, trainer_kwargs=kwargs, save_checkpoint_to=ckpt,
                                           callbacks=[*job.callbacks, StopAfterEpoch(split_epoch)])
-    first = run_job(interrupted, world_size)
+    first = run_job(interrupted, world_size, num_nodes=num_nodes)
     assert os.path.exists(ckpt), "the first half wrote no checkpoint"
-    resumed = run_job(dataclasses.replace(job, trainer_kwargs=kwargs, ckpt_path=ckpt), world_size)
+    resumed = run_job(dataclasses.replace(job, trainer_kwargs=kwargs, ckpt_path=ckpt), world_size,
+                      num_nodes=num_nodes)
 
     assert first[0].global_step < straight[0].global_step
     for s, r in zip(straight, resumed):

@@ -99,7 +99,8 @@ def test_replica_size_must_divide_the_world_size():
 def compressed_facts(trainer, module):
     s = trainer.strategy
     shapes = [torch.empty(p.shape) for _, p in s._named_trainable_params()]
-    return {"payload": s.compressor.payload_bytes(shapes, 2), "intra": s.comm.ledger.intra_node_bytes,
+    return {"payload": s.compressor.payload_bytes(shapes, 2), "wire": s.compressor.wire_bytes(shapes, 2),
+            "intra": s.comm.ledger.intra_node_bytes,
             "inter": s.comm.ledger.inter_node_bytes}
 
 
@@ -117,3 +118,7 @@ def test_compressed_ddp_reduces_inside_nodes_at_full_precision_and_compresses_ac
     for r in ranks:
         assert r.inspected["intra"] == steps * raw
         assert r.inspected["inter"] == steps * r.inspected["payload"]
+        # against plain DDP over all 4 ranks (3 x raw on the wire per step): the fp32 stage inside the node
+        # (2 x raw on 2 ranks) plus the two-stage sign across the nodes
+        expected = 3 * raw / (2 * raw + r.inspected["wire"])
+        assert r.series("comm/compression_ratio")[-1] == pytest.approx(expected, rel=1e-3)
