@@ -106,7 +106,10 @@ def check_one_model_copy_on_rank0(tmp_path, world_size: int) -> int:
         saved = side["states"]["strategy"]["module"]
         for name, p in results[r].inspected["params"].items():
             assert torch.equal(saved[name], p), name
-        assert not torch.equal(saved["net.head.weight"], main["state_dict"]["net.head.weight"])
+        # fit ended on the consensus parameters, but each rank's Adam moments are its own: the file holds them
+        mine = side["states"]["strategy"]["optimizer_states"][0]["state"]
+        rank0 = main["optimizer_states"][0]["state"]
+        assert any(not torch.equal(mine[k]["exp_avg"], rank0[k]["exp_avg"]) for k in rank0)
     # save_weights_only: no strategy, optimizer or residual state anywhere
     weights = torch.load(ckpt + ".weights", weights_only=False)
     assert "optimizer_states" not in weights
