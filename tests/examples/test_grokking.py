@@ -9,7 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-import grokking as G  # noqa: E402
+import grokking as G
 
 
 def test_demo_preset_is_the_default_and_flags_override_it():
