@@ -191,7 +191,8 @@ def test_resume_with_a_requires_grad_filtered_optimizer_is_bit_exact(tmp_path):
 
 @pytest.mark.slow
 def test_resume_under_fp16_with_overflow_and_remove_from_optimizer(tmp_path):
-    cbs = [GradES(tau=0.5, tau_mode="relative", grace_fraction=0.25, remove_from_optimizer=True),
+    cbs = [GradES(tau=0.5, tau_mode="relative", grace_fraction=0.25, remove_from_optimizer=True,
+                  stop_when_all_frozen=False),
            Grokfast("ema", lamb=1.0), DropoutSchedule(mode="early", p=0.3, cutoff=0.5)]
     j = TrainJob(module=functools.partial(ConfigModule, overflow_rounds=(2, 10), filtered_optimizer=True),
                  callbacks=cbs, trainer_kwargs={"max_epochs": 3, "plugins": [MixedPrecision("16-mixed", "cpu")]})
