@@ -6,12 +6,12 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from lightning_optx.compression.base import Compressor, check_inputs, clone_state, mean_flat_, residual_for
 from lightning_optx.compression.two_stage import (
     pack_bits,
+    server_residual_for,
     sign_two_stage_,
     sign_two_stage_bytes,
     sign_two_stage_wire_bytes,
@@ -113,13 +113,7 @@ class Sign(Compressor):
         return residual_for(self, key, m) if self.error_feedback else None
 
     def _server_residual(self, key: Hashable, chunk: Tensor) -> Tensor | None:
-        if not self.error_feedback:
-            return None
-        r = self.server_residuals.get(key)
-        if r is None or r.shape != chunk.shape:
-            r = torch.zeros_like(chunk)
-        self.server_residuals[key] = r.to(chunk)
-        return self.server_residuals[key]
+        return server_residual_for(self.server_residuals, key, chunk) if self.error_feedback else None
 
     def state_dict(self) -> dict[str, Any]:
         """Iteration, worker residuals and this rank's server residuals."""

@@ -16,7 +16,12 @@ from lightning_optx.compression.base import (
     mean_flat_,
     residual_for,
 )
-from lightning_optx.compression.two_stage import topk_two_stage_, topk_two_stage_bytes, topk_two_stage_wire_bytes
+from lightning_optx.compression.two_stage import (
+    server_residual_for,
+    topk_two_stage_,
+    topk_two_stage_bytes,
+    topk_two_stage_wire_bytes,
+)
 from lightning_optx.distributed import Communicator, wire_bytes
 
 __all__ = ["TopK"]
@@ -176,13 +181,7 @@ class TopK(Compressor):
             velocity.index_fill_(0, idx[idx < velocity.numel()], 0.0)
 
     def _server_residual(self, key: Hashable, chunk: Tensor) -> Tensor | None:
-        if not self.error_feedback:
-            return None
-        r = self.server_residuals.get(key)
-        if r is None or r.shape != chunk.shape:
-            r = torch.zeros_like(chunk)
-        self.server_residuals[key] = r.to(chunk)
-        return self.server_residuals[key]
+        return server_residual_for(self.server_residuals, key, chunk) if self.error_feedback else None
 
     def _sparse_mean_(self, tensors: list[Tensor], keys: list[Hashable], comm: Communicator, tag: str) -> None:
         inputs = [self._worker_input(t, k) for t, k in zip(tensors, keys)]

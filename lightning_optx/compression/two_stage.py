@@ -31,7 +31,7 @@ from torch import Tensor
 
 from lightning_optx.distributed import Communicator
 
-__all__ = ["chunk_numel", "pack_bits", "sign_two_stage_", "topk_two_stage_", "unpack_bits"]
+__all__ = ["chunk_numel", "pack_bits", "server_residual_for", "sign_two_stage_", "topk_two_stage_", "unpack_bits"]
 
 
 def chunk_numel(numel: int, world_size: int, multiple: int = 1) -> int:
@@ -62,6 +62,15 @@ def unpack_bits(packed: Tensor, numel: int) -> Tensor:
     shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
     bits = torch.bitwise_right_shift(packed.reshape(-1).unsqueeze(1), shifts).bitwise_and_(1)
     return bits.view(-1)[:numel].bool()
+
+
+def server_residual_for(store: dict[Hashable, Tensor], key: Hashable, chunk: Tensor) -> Tensor:
+    """The server-side error-feedback residual of ``key``'s chunk in ``store`` (zeros when new or resized)."""
+    r = store.get(key)
+    if r is None or r.shape != chunk.shape:
+        r = torch.zeros_like(chunk)
+    store[key] = r.to(chunk)
+    return store[key]
 
 
 def _world(comm: Communicator) -> tuple[int, int]:
