@@ -38,6 +38,7 @@ import json
 import math
 import os
 import platform
+import socket
 import statistics
 import sys
 import time
@@ -386,6 +387,16 @@ def compression_part(cfg: dict[str, Any], device: torch.device) -> dict[str, Any
     return out
 
 
+def use_fresh_rendezvous_port() -> None:
+    """A one-device DDP fit in this process must not reuse a port an earlier process group (or an inherited
+    ``MASTER_PORT``) still holds: that fails with EADDRINUSE."""
+    if "WORLD_SIZE" in os.environ:  # launched by torchrun: the launcher owns the rendezvous
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
+
+
 def powersgd_share(cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Lightning ``ddp`` vs ``ddp_powersgd`` on one device: the extra time per step is PowerSGD's."""
     import lightning_optx  # noqa: F401  (registers the strategy names)
@@ -393,6 +404,7 @@ def powersgd_share(cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
     warmup, steps = cfg["warmup"], cfg["steps"]
     times = {}
     for strategy in ("ddp", "ddp_powersgd"):
+        use_fresh_rendezvous_port()
         timer = fit_and_time(lm_module(cfg, warmup + steps), [], device, warmup + steps, strategy=strategy)
         times[strategy] = median_after(timer.times, warmup) * 1e3
         line(f"compression/ddp_step_ms/{strategy}", round(times[strategy], 3))

@@ -47,6 +47,7 @@ class Sign(Compressor):
         min_numel: tensors with fewer entries than this go raw (``>= 1``; default 64).
 
     Examples:
+        >>> import torch
         >>> from lightning_optx.distributed import Communicator
         >>> g = torch.tensor([[1.0, -2.0, 3.0, -6.0]] * 16)   # 64 entries, mean |g| = 3
         >>> sign = Sign()

@@ -14,11 +14,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+# set in this process by earlier in-process DDP tests; the port may still be held by their store
+DISTRIBUTED_VARIABLES = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK",
+                         "LOCAL_WORLD_SIZE", "GROUP_RANK"}
 
 
 def test_benchmark_dry_run_writes_every_figure(tmp_path):
     pytest.importorskip("matplotlib")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    inherited = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_VARIABLES}
+    env = {**inherited, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--device", "cpu", "--tiny",
                           "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=240)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
