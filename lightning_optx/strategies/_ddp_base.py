@@ -237,6 +237,16 @@ class OptxDDPStrategy(DDPStrategy):
     def _build_state(self) -> None:
         """Create the strategy's own state (after the DDP wrap, before a checkpoint's state is loaded into it)."""
 
+    def gradient_averaging_comm(self) -> Communicator | None:
+        """Where DDP's comm hook averages gradients at the coming optimizer step, or ``None`` if they stay local.
+
+        The world (plain DDP, Local SGD's warm-up), this rank's replica (node replicas), or ``None`` (Local SGD
+        after warm-up and DiLoCo with one process per replica). For callbacks that average gradients
+        themselves (gradient surgery, DP-SGD). :class:`CompressedDDPStrategy` averages through its compressor
+        after backward instead and answers ``None`` here.
+        """
+        return self._hook_comm() if self._hook_allreduces() else None
+
     # ------------------------------------------------------------------ what subclasses define
 
     def _hook_allreduces(self) -> bool:
