@@ -43,6 +43,7 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -170,12 +171,15 @@ PAPER = dict(budget=60_000, val_every=100)
 PAPER_FIGURES = {"baseline_wd0": 39890, "ema_wd0.005": 910, "ma_wd0.01": 790}
 
 
-def paper_runs(cfg: dict[str, Any], on_result: Any) -> tuple[dict[str, Any], list[G.RunResult]]:
-    """The five runs of ``PAPER_RUNS`` on ``x * y mod 97``; ``on_result(out)`` after each (partial saves)."""
-    out: dict[str, Any] = {}
-    results: list[G.RunResult] = []
+def paper_runs(cfg: dict[str, Any], on_result: Any, only: set[str] | None = None,
+               done: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The runs of ``PAPER_RUNS`` on ``x * y mod 97`` (those named in ``only``, default all), added to the earlier
+    results ``done``; ``on_result(out)`` after each run (partial saves)."""
+    out: dict[str, Any] = {k: v for k, v in (done or {}).items() if not k.startswith("ratio_")}
     task = {**TASK, "operation": "mul"}
     for name, filter_name, weight_decay in PAPER_RUNS:
+        if only is not None and name not in only:
+            continue
         print(f"paper run: {name}", flush=True)
         options = EMA if filter_name == "ema" else MA
         callbacks = [] if filter_name == "none" else [Grokfast(filter=filter_name, **options)]
@@ -183,13 +187,13 @@ def paper_runs(cfg: dict[str, Any], on_result: Any) -> tuple[dict[str, Any], lis
             name, callbacks, steps=cfg["budget"], val_every=cfg["val_every"], stop_at_threshold=True,
             out_dir=None, print_every=cfg["val_every"] * 20, **{**task, "weight_decay": weight_decay},
         )
-        results.append(res)
         out[name] = {
             "filter": filter_name,
             "weight_decay": weight_decay,
             "steps_to_95": res.reached_step,
             "reached": res.reached_step is not None,
             "steps_run": res.steps,
+            "budget": cfg["budget"],
             "wall_s": round(res.wall_s, 1),
             "paper_steps_to_95": PAPER_FIGURES.get(name),
             "history": [{k: round(v, 5) if isinstance(v, float) else v for k, v in h.items()} for h in res.history],
@@ -197,9 +201,10 @@ def paper_runs(cfg: dict[str, Any], on_result: Any) -> tuple[dict[str, Any], lis
         on_result(out)
     for filtered, as_paper, fair in (("ema_wd0.005", "baseline_wd0", "baseline_wd0.005"),
                                      ("ma_wd0.01", "baseline_wd0", "baseline_wd0.01")):
-        out[f"ratio_{as_paper}_over_{filtered}"] = _ratio(out[as_paper], out[filtered], cfg["budget"])
-        out[f"ratio_{fair}_over_{filtered}"] = _ratio(out[fair], out[filtered], cfg["budget"])
-    return out, results
+        for base in (as_paper, fair):
+            if base in out and filtered in out:
+                out[f"ratio_{base}_over_{filtered}"] = _ratio(out[base], out[filtered], out[base]["steps_run"])
+    return out
 
 
 # ================================================================================== part 2: overhead
@@ -453,6 +458,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="x*y mod 97 as the authors ran it (baseline wd 0, EMA wd 0.005, MA wd 0.01) beside "
                              "same-weight-decay baselines; writes grokfast_paper.json/.png (the baseline needs "
                              "~40k steps: hours on a CPU)")
+    parser.add_argument("--only", default=None,
+                        help="with --paper: comma-separated runs to (re)run, merged into grokfast_paper.json")
     parser.add_argument("--skip-grokking", action="store_true", help="only the overhead part")
     parser.add_argument("--skip-overhead", action="store_true", help="only the speed-up part")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
@@ -472,7 +479,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.paper:
-        run_paper(dict(PAPER, budget=args.budget or PAPER["budget"]))
+        only = set(args.only.split(",")) if args.only else None
+        unknown = (only or set()) - {name for name, _, _ in PAPER_RUNS}
+        if unknown:
+            parser.error(f"--only: unknown run(s) {sorted(unknown)}; allowed: {[n for n, _, _ in PAPER_RUNS]}")
+        run_paper(dict(PAPER, budget=args.budget or PAPER["budget"]), only)
         return
     suffix = "_quick" if args.quick else ""
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -572,10 +583,13 @@ def main(argv: list[str] | None = None) -> None:
     line("json", path.relative_to(REPO))
 
 
-def run_paper(cfg: dict[str, Any]) -> None:
+def run_paper(cfg: dict[str, Any], only: set[str] | None = None) -> None:
+    """Run the paper's runs (``only``: a subset, added to the runs already in grokfast_paper.json)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "grokfast_paper.json"
-    header = {"mode": "paper", "config": cfg, "task": {**TASK, "operation": "mul"}, "ema": EMA, "ma": MA,
+    done = json.loads(path.read_text())["runs"] if only is not None and path.exists() else {}
+    header = {"mode": "paper", "config": {k: v for k, v in cfg.items() if k != "budget"},
+              "task": {**TASK, "operation": "mul"}, "ema": EMA, "ma": MA,
               "env": {"torch": torch.__version__, "lightning": pl.__version__, "threads": torch.get_num_threads()}}
 
     def save(runs: dict[str, Any]) -> None:
@@ -585,9 +599,11 @@ def run_paper(cfg: dict[str, Any]) -> None:
           f"{TASK['batch_size']}, Adam lr {TASK['lr']} betas (0.9, 0.98), L2 weight decay per run\n"
           f"budget (steps per run): {cfg['budget']}", flush=True)
     start = time.perf_counter()
-    out, runs = paper_runs(cfg, save)
+    out = paper_runs(cfg, save, only, done)
     save(out)
     for name, _, _ in PAPER_RUNS:
+        if name not in out:
+            continue
         r = out[name]
         value = r["steps_to_95"] if r["reached"] else f"not reached within budget ({r['steps_run']} steps)"
         paper = f" (paper: {r['paper_steps_to_95']})" if r["paper_steps_to_95"] else ""
@@ -596,6 +612,8 @@ def run_paper(cfg: dict[str, Any]) -> None:
         if key.startswith("ratio_"):
             print(f"{key}: {_fmt_ratio(value)}", flush=True)
     png = RESULTS / "grokfast_paper.png"
+    runs = [SimpleNamespace(name=name, history=out[name]["history"], reached_step=out[name]["steps_to_95"])
+            for name, _, _ in PAPER_RUNS if name in out]
     G.plot_runs(runs, png, "x * y mod 97 as the Grokfast authors ran it: validation (solid) and train (dashed)")
     print(f"plot: {png.relative_to(REPO)}\njson: {path.relative_to(REPO)}\nwall_s: {time.perf_counter() - start:.0f}")
 
