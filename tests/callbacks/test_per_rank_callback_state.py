@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning_optx import CompressedDDPStrategy, DiLoCoStrategy, EarlyDropout, Grokfast, LocalSGDStrategy
 from lightning_optx.callbacks._per_rank import per_rank_key
 from lightning_optx.checkpointing import per_rank_state, rank_file
-from tests.helpers import TrainJob, assert_ranks_identical, assert_tree_equal, check_resume_equivalence, run_job
+from tests.helpers import TrainJob, assert_ranks_identical, check_resume_equivalence, run_job
 from tests.helpers.models import TinyModule
 
 TRANSFORMER = functools.partial(TinyModule, model="transformer", optimizer="adamw", lr=1e-2)
@@ -38,7 +38,7 @@ def filters_differ(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return any(not torch.equal(a[kind][n], b[kind][n]) for kind in ("ema", "ring") for n in a[kind])
 
 
-def saved_states(ckpt: str, callback: Callback) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+def saved_states(ckpt: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """What a 2-rank checkpoint holds: the callback's own (rank 0's) state, rank 0's and rank 1's per-rank parts."""
     checkpoint = torch.load(ckpt, weights_only=False)
     rank1 = torch.load(rank_file(ckpt, 1), weights_only=False)["states"]
@@ -54,7 +54,7 @@ def check_grokfast_resumes_per_rank(strategy: Any, filter_name: str, tmp_path: A
     # bit-exact per rank: parameters, optimizer state and each rank's own filter vs the uninterrupted run
     straight, _ = check_resume_equivalence(job, total_epochs=2, split_epoch=1, tmp_dir=str(tmp_path), world_size=2)
 
-    in_checkpoint, rank0_part, rank1_part = saved_states(str(tmp_path / "split.ckpt"), cb)
+    in_checkpoint, rank0_part, rank1_part = saved_states(str(tmp_path / "split.ckpt"))
     key = per_rank_key(cb)
     rank0_filter, rank1_filter = filter_state(in_checkpoint), rank1_part[key]
     assert rank0_part[key] == {}, "rank 0's filter is the checkpoint's own callback state, not a second copy"
@@ -142,7 +142,7 @@ def test_dropout_rng_streams_resume_per_rank_under_local_sgd(tmp_path):
     for s, r in zip(straight, resumed):
         assert r.inspected == s.inspected[-len(r.inspected):]
 
-    in_checkpoint, rank0_part, rank1_part = saved_states(str(tmp_path / "split.ckpt"), cb)
+    in_checkpoint, rank0_part, rank1_part = saved_states(str(tmp_path / "split.ckpt"))
     assert "rng_states" not in in_checkpoint[cb.state_key], "nothing gathered into rank 0's callback state"
     key = per_rank_key(cb, "rng")
     assert not torch.equal(rank0_part[key]["torch"], rank1_part[key]["torch"])
