@@ -1,8 +1,10 @@
 """Each rank's random-number-generator state, for callbacks whose effect depends on it (dropout masks).
 
 Lightning does not save RNG states in checkpoints; a run that uses dropout therefore cannot resume bit for bit
-unless someone does. Callbacks are serialised on every rank but written by rank 0, so the states are
-gathered (one small object per rank) and each rank takes its own back on load.
+unless someone does. Under lightning_optx's strategies each rank writes its own state into its per-rank part of the
+checkpoint (:class:`~lightning_optx.callbacks._per_rank.RngStream`; no collective). Under other strategies callbacks
+are serialised on every rank but written by rank 0, so the states are gathered (:func:`gather_rng_states`, one
+small object per rank) and each rank takes its own back on load.
 """
 
 from __future__ import annotations

@@ -10,8 +10,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_optx.callbacks._per_rank import RngStream, per_rank_key
 from lightning_optx.callbacks._rng import gather_rng_states, restore_own_rng_state
 from lightning_optx.callbacks._steps import holds_compiled_module, planned_rounds, rounds_before_batch
+from lightning_optx.checkpointing import per_rank_state
 from lightning_optx.functional import schedules as S
 
 Target = Literal["dropout", "drop_path"]
@@ -58,7 +60,13 @@ class DropoutSchedule(Callback):
         levels: quantise the rate to this many values (0: exact; ``None``: exact unless the model is compiled).
         save_rng_state: store every rank's random-number-generator state in the checkpoint and restore it on
             resume, so that the dropout masks after a resume are the ones the uninterrupted run would draw
-            (Lightning does not save RNG states itself).
+            (Lightning does not save RNG states itself). Under lightning_optx's strategies each rank saves its
+            own state in its per-rank part of the checkpoint (:func:`~lightning_optx.checkpointing.per_rank_state`,
+            no collective); under other strategies the states (a few KB each) are gathered into the callback's
+            state.
+
+    The rate depends only on the optimizer step, so it is the same on every rank under every strategy; the masks
+    are drawn from each rank's own random-number generator.
 
     Examples:
         >>> from lightning_optx import DropoutSchedule, EarlyDropout
@@ -95,10 +103,18 @@ class DropoutSchedule(Callback):
         self._levels = 0
         self.applied: list[float] = []  # the rate each slot holds now
         self.scheduled_names: list[str] = []  # "<module>.<attribute>" of every scheduled rate
+        self._rng_per_rank = False  # RNG states saved through the strategy's per-rank files, not gathered
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(mode=self.mode, target=self.target)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Before Lightning restores a checkpoint, so that each rank's own RNG state is handed back to it.
+        store = per_rank_state(trainer)
+        self._rng_per_rank = store is not None and self.save_rng_state
+        if store is not None and self.save_rng_state:
+            store.register(per_rank_key(self, "rng"), RngStream())
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Not in `setup`: `configure_model` (which may build or compile the layers) runs after it.
@@ -161,7 +177,7 @@ class DropoutSchedule(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"total_steps": self.total_steps, "cutoff_steps": self.cutoff_steps}
-        if self.save_rng_state and self.total_steps is not None:
+        if self.save_rng_state and self.total_steps is not None and not self._rng_per_rank:
             state["rng_states"] = gather_rng_states()  # every rank serialises callbacks: a safe collective
         return state
 

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_optx.callbacks._per_rank import CallbackRankState, local_gradient_state, per_rank_key
 from lightning_optx.functional import grokfast as F
 from lightning_optx.functional.common import all_finite, global_norm
 
@@ -24,9 +25,18 @@ class Grokfast(Callback):
 
     Before every optimizer step the callback passes each parameter's gradient through a low-pass filter
     and adds ``lamb`` times the filtered (slow) component back to it. It sees the gradients Lightning hands
-    to ``on_before_optimizer_step``: unscaled under AMP, accumulated over micro-batches and averaged over
-    DDP ranks, so every rank holds the same filter state and takes the same step. Gradient clipping, which
-    Lightning applies after this hook, clips the amplified gradient.
+    to ``on_before_optimizer_step``: unscaled under AMP and accumulated over micro-batches. Gradient clipping,
+    which Lightning applies after this hook, clips the amplified gradient.
+
+    Which gradients it filters depends on the strategy:
+
+    - DDP (Lightning's ``ddp``) and compressed DDP (``ddp_powersgd``, ``ddp_topk``, ``ddp_sign``, ``ddp_fp16``,
+      ``ddp_bf16``): the gradients averaged over the ranks (decompressed), the same on every rank, so every
+      rank holds the same filter state; the checkpoint keeps rank 0's copy.
+    - Local SGD, DiLoCo and DiLoCoX: each rank's own local gradients (the averaged ones during Local SGD's
+      warm-up), so each rank holds its own filter, which is never averaged. Each rank's filter is saved and
+      restored per rank (:func:`lightning_optx.checkpointing.per_rank_state`): rank 0's in the checkpoint,
+      every other rank's in its own file beside it.
 
     Args:
         filter: ``"ema"`` (exponential moving average, the paper's Grokfast) or ``"ma"`` (moving average
@@ -96,6 +106,12 @@ class Grokfast(Callback):
         return self._generate_state_key(filter=self.filter)
 
     # ------------------------------------------------------------------ hooks
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Before Lightning restores a checkpoint: each rank's own filter then replaces rank 0's (see the class).
+        store = local_gradient_state(trainer)
+        if store is not None:
+            store.register(per_rank_key(self), CallbackRankState(self, trainer.strategy))
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._names = {id(p): name for name, p in pl_module.named_parameters()}
