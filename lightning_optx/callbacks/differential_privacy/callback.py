@@ -85,6 +85,14 @@ class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
     ``rank, rank + world_size, ...``), so the union is one Poisson sample of rate ``q`` of the whole data set:
     epsilon equals that of a single process with the same global batch and steps.
 
+    Local SGD and DiLoCo (``"local_sgd"``, ``"diloco"``, ``"diloco_x"``): every process is a replica that runs its own
+    DP-SGD on its own shard (Poisson sampling at the same rate ``q`` over the samples it owns, full noise
+    ``noise_multiplier * max_grad_norm`` added by every replica to its own clipped sum, Opacus' single-process
+    optimizer, no gradient all-reduce); the strategy's averaging and outer steps only post-process the replicas'
+    noised parameters, and the shards are disjoint, so the run's epsilon is one replica's (parallel composition),
+    the number logged. Refused: Local SGD's ``warmup_steps > 0``, node replicas (``replica_size > 1``) and every
+    compressed DDP strategy; docs/methods/differential-privacy.md gives the argument.
+
     Gradient accumulation: one optimizer step consumes one Poisson batch, split into ``accumulate_grad_batches``
     micro-batches; clipping, noise, normalisation and accounting happen once per optimizer step.
 
@@ -205,6 +213,7 @@ class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
         self._dp_optimizer: DPOptimizer | None = None
         self._patched: list[tuple[object, str, Any]] = []
         self._loader_built = False
+        self._mode: checks.Mode = "single"
 
     @property
     def state_key(self) -> str:
@@ -231,7 +240,9 @@ class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
                 "Create a new DifferentialPrivacy for a new run, or pass ckpt_path=... to continue the earlier one."
             )
         self._trainer = trainer
-        checks.check_trainer(trainer, pl_module, self.clipping, DifferentialPrivacy)
+        self._mode = checks.check_trainer(trainer, pl_module, self.clipping, DifferentialPrivacy)
+        # one DP-SGD per replica (Local SGD, DiLoCo): every replica draws its own noise, also with a seed
+        self.randomness.replica = trainer.global_rank if self._mode == "replicas" else None
         if self.fix_model:
             fixed = checks.fix_in_place(pl_module)
             if fixed:
@@ -383,8 +394,12 @@ class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
         model = trainer.strategy.model
         if isinstance(model, DistributedDataParallel):
             # DDP would all-reduce the raw summed gradient in backward; Opacus' distributed optimizer reduces the
-            # clipped, noised one itself. `require_backward_grad_sync` is DDP's public switch (what no_sync sets).
+            # clipped, noised one itself (per replica: nothing is reduced). `require_backward_grad_sync` is DDP's
+            # public switch (what no_sync sets).
             model.require_backward_grad_sync = False
+        if self._mode == "replicas" and trainer.strategy.gradient_averaging_comm() is not None:  # type: ignore[attr-defined]
+            raise RuntimeError(f"DifferentialPrivacy: strategy {checks.strategy_name(trainer.strategy)!r} would "
+                               "average gradients at this step; each replica's DP-SGD must keep them local.")
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: Optimizer) -> None:
