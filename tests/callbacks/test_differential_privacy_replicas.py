@@ -28,6 +28,13 @@ pytestmark = [
 LR, CLIP, SIGMA, BATCH, DATA = 0.1, 0.05, 1.0, 4, 64
 
 
+class MomentumDPModule(DPModule):
+    """SGD with momentum: optimizer state that differs per replica between syncs (saved per rank on resume)."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+
 class StepRecorder(Callback):
     """Per optimizer step: the batch, the parameters before, the gradient the optimizer applied (after the DP step),
     the parameters after; at the end, the strategy's ledger and the DP optimizer's class."""
@@ -192,10 +199,11 @@ def test_replicas_draw_independent_full_noise_and_log_one_replicas_epsilon(seed)
 def test_local_sgd_resume_mid_round_is_bit_exact(tmp_path):
     """Period 3, 8 steps per epoch: the checkpoint after epoch 1 falls mid-round (last sync at step 6)."""
     cb = DifferentialPrivacy(noise_multiplier=SIGMA, accountant="rdp", seed=3)
-    job = TrainJob(module=functools.partial(DPModule, model="mlp", batch_size=BATCH), callbacks=[cb],
+    job = TrainJob(module=functools.partial(MomentumDPModule, model="mlp", batch_size=BATCH), callbacks=[cb],
                    strategy=LocalSGDStrategy(period=3))
     _, resumed = check_resume_equivalence(job, total_epochs=2, split_epoch=1, tmp_dir=str(tmp_path), world_size=2)
     assert resumed[0].callback_states[DP_KEY]["history"] == [(SIGMA, 0.125, 16)]
+    assert resumed[1].optimizer_states[0]["state"]  # momentum buffers were restored per rank
 
 
 @pytest.mark.multiprocess
@@ -206,7 +214,7 @@ def test_local_sgd_resume_mid_round_is_bit_exact(tmp_path):
 ], ids=["diloco", "diloco_x"])
 def test_diloco_resume_mid_round_is_bit_exact(tmp_path, strategy):
     cb = DifferentialPrivacy(noise_multiplier=SIGMA, accountant="rdp", seed=3)
-    job = TrainJob(module=functools.partial(DPModule, model="mlp", batch_size=BATCH), callbacks=[cb],
+    job = TrainJob(module=functools.partial(MomentumDPModule, model="mlp", batch_size=BATCH), callbacks=[cb],
                    strategy=strategy())
     _, resumed = check_resume_equivalence(job, total_epochs=2, split_epoch=1, tmp_dir=str(tmp_path), world_size=2)
     assert resumed[1].callback_states[DP_KEY]["history"] == [(SIGMA, 0.125, 16)]
