@@ -197,12 +197,12 @@ def test_replicas_draw_independent_full_noise_and_log_one_replicas_epsilon(seed)
 
 @pytest.mark.multiprocess
 def test_local_sgd_resume_mid_round_is_bit_exact(tmp_path):
-    """Period 3, 8 steps per epoch: the checkpoint after epoch 1 falls mid-round (last sync at step 6)."""
+    """Period 3, 32 examples, 4 steps per epoch: the checkpoint after epoch 1 falls mid-round (last sync at step 3)."""
     cb = DifferentialPrivacy(noise_multiplier=SIGMA, accountant="rdp", seed=3)
-    job = TrainJob(module=functools.partial(MomentumDPModule, model="mlp", batch_size=BATCH), callbacks=[cb],
-                   strategy=LocalSGDStrategy(period=3))
+    job = TrainJob(module=functools.partial(MomentumDPModule, model="mlp", batch_size=BATCH, data_size=32),
+                   callbacks=[cb], strategy=LocalSGDStrategy(period=3))
     _, resumed = check_resume_equivalence(job, total_epochs=2, split_epoch=1, tmp_dir=str(tmp_path), world_size=2)
-    assert resumed[0].callback_states[DP_KEY]["history"] == [(SIGMA, 0.125, 16)]
+    assert resumed[0].callback_states[DP_KEY]["history"] == [(SIGMA, 0.25, 8)]
     assert resumed[1].optimizer_states[0]["state"]  # momentum buffers were restored per rank
 
 
