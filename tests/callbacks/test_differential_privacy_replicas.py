@@ -196,6 +196,7 @@ def test_replicas_draw_independent_full_noise_and_log_one_replicas_epsilon(seed)
 
 
 @pytest.mark.multiprocess
+@pytest.mark.timeout(600)  # three 2-process fits; each has the runner's own timeout, so a hang still fails
 def test_local_sgd_resume_mid_round_is_bit_exact(tmp_path):
     """Period 3, 32 examples, 4 steps per epoch: the checkpoint after epoch 1 falls mid-round (last sync at step 3)."""
     cb = DifferentialPrivacy(noise_multiplier=SIGMA, accountant="rdp", seed=3)
