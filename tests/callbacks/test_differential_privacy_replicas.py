@@ -209,6 +209,7 @@ def test_local_sgd_resume_mid_round_is_bit_exact(tmp_path):
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("strategy", [
     lambda: DiLoCoStrategy(inner_steps=3),
     lambda: DiLoCoStrategy(inner_steps=3, overlap=True, compressor="powersgd", compressor_options={"rank": 2}),
@@ -223,6 +224,7 @@ def test_diloco_resume_mid_round_is_bit_exact(tmp_path, strategy):
 
 @pytest.mark.multiprocess
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_secret_mode_resume_draws_fresh_randomness_and_continues_the_accountant(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
