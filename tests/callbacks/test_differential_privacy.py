@@ -259,15 +259,6 @@ def test_lightning_distributed_sampler_injection_recreates_the_poisson_loader():
         assert all(x.equal(y) for x, y in zip(a, b))
 
 
-def test_local_sgd_strategy_is_refused():
-    from lightning_optx.strategies import LocalSGDStrategy
-
-    with pytest.raises(ValueError, match="supports single-device training and Lightning's DDPStrategy, got "
-                                         "LocalSGDStrategy"):
-        run_job(TrainJob(module=DPModule, callbacks=[DifferentialPrivacy(noise_multiplier=1.0, accountant="rdp")],
-                         strategy=LocalSGDStrategy(period=2), trainer_kwargs={"max_epochs": 1}))
-
-
 # ---------------------------------------------------------------- per-sample clipping
 
 

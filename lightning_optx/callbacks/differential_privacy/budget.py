@@ -1,5 +1,7 @@
 """The privacy budget of a fit: the noise multiplier (given, calibrated, or re-calibrated on a resume that changed
-the sample rate), the accountant's per-step record, and the guard that refuses a step beyond the budget.
+the sample rate), the accountant's per-step record, the guard that refuses a step beyond the budget, and the
+checkpointed state (the same on every rank, also under Local SGD and DiLoCo: every replica has the same noise
+multiplier, sample rate and steps).
 
 :class:`PrivacyBudget` is mixed into :class:`~lightning_optx.callbacks.DifferentialPrivacy`; the arithmetic is
 :mod:`lightning_optx.functional.privacy` (Opacus' accountants).
@@ -17,6 +19,8 @@ from lightning_optx.functional import privacy as P
 
 if TYPE_CHECKING:
     from opacus.optimizers import DPOptimizer
+
+_STATE_VERSION = 2
 
 
 class PrivacyBudget:
@@ -42,6 +46,10 @@ class PrivacyBudget:
     _dp_optimizer: Any
     expected_batch_size: float | None
     _steps_per_epoch: int | None
+    clipping: str
+    _restored_max_grad_norm: float | None
+    _eps_cache: Any
+    _ended_a_fit: bool
 
     def _resolve_noise(self, trainer: pl.Trainer, planned: float, restored_rate: float | None,
                        restored_spe: int | None) -> None:
@@ -190,4 +198,38 @@ class PrivacyBudget:
 
     def _before_noise(self) -> None:
         self.randomness.before_step(self.steps)
+
+    # ------------------------------------------------------------------ checkpointing (the same on every rank)
+
+    def state_dict(self) -> dict[str, Any]:
+        max_grad_norm = None
+        if self.clipping == "adaptive" and self._dp_optimizer is not None:
+            max_grad_norm = float(self._dp_optimizer.max_grad_norm)
+        return {
+            "version": _STATE_VERSION,
+            "accountant": self.accountant_name,
+            "history": [(float(s), float(q), int(n)) for s, q, n in self.accountant.history],
+            "steps": self.steps,
+            "noise_multiplier": self.resolved_noise_multiplier,
+            "calibrated": self._calibrated,
+            "sample_rate": self.sample_rate,
+            "target_delta": self.target_delta,
+            "steps_per_epoch": self._steps_per_epoch,
+            "max_grad_norm": max_grad_norm,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("accountant") != self.accountant_name:
+            raise ValueError(f"DifferentialPrivacy: the checkpoint's accountant={state_dict.get('accountant')!r} "
+                             f"differs from accountant={self.accountant_name!r}; resume with the same accountant.")
+        self.accountant.history = [(float(s), float(q), int(n)) for s, q, n in state_dict["history"]]
+        self.steps = int(state_dict["steps"])
+        self._calibrated = bool(state_dict.get("calibrated", False)) and self.target_epsilon is not None
+        if self._calibrated:
+            self.resolved_noise_multiplier = float(state_dict["noise_multiplier"])
+        self.sample_rate = state_dict.get("sample_rate")
+        self._steps_per_epoch = state_dict.get("steps_per_epoch")
+        self._restored_max_grad_norm = state_dict.get("max_grad_norm")
+        self._eps_cache = None
+        self._ended_a_fit = False
 

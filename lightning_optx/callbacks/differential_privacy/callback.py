@@ -4,19 +4,19 @@ this package (checks, randomness, the Poisson loader, the DP optimizer, ghost cl
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from lightning_optx.callbacks.differential_privacy import checks, ghost, loader
+from lightning_optx.callbacks.differential_privacy import checks, loader
+from lightning_optx.callbacks.differential_privacy.backward import BackwardPatching
 from lightning_optx.callbacks.differential_privacy.budget import PrivacyBudget
 from lightning_optx.callbacks.differential_privacy.opacus_internals import require_internals
 from lightning_optx.callbacks.differential_privacy.optimizer import OptimizerWrapping, complete_per_sample_state
@@ -31,8 +31,6 @@ Clipping = Literal["flat", "per_layer", "adaptive"]
 GradSampleMode = Literal["hooks", "functorch", "ghost"]
 LossReduction = Literal["mean", "sum"]
 
-_STATE_VERSION = 2
-_MISSING = object()
 _REPRODUCIBLE_WARNING = (
     "DifferentialPrivacy(seed={seed}): the Poisson batches and the noise are derived from the seed, so anyone who "
     "knows it (or holds a checkpoint and the configuration) can rebuild every batch and subtract the noise: the "
@@ -40,14 +38,7 @@ _REPRODUCIBLE_WARNING = (
 )
 
 
-def _grad_sample_entries(p: Any) -> int:
-    """How many backward passes of the current optimizer step gave ``p`` per-sample gradients (Opacus keeps a tensor
-    after the first, a list after more)."""
-    samples = getattr(p, "grad_sample", None)
-    return 0 if samples is None else len(samples) if isinstance(samples, list) else 1
-
-
-class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
+class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, BackwardPatching, Callback):
     """Train with DP-SGD (Abadi et al., 2016) through Opacus, leaving the LightningModule unmodified.
 
     For the duration of ``fit`` the callback makes the three changes DP-SGD needs, with Opacus' components:
@@ -84,6 +75,14 @@ class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
     every rank applies the same update. Each rank Poisson-samples its own shard of the data set (samples
     ``rank, rank + world_size, ...``), so the union is one Poisson sample of rate ``q`` of the whole data set:
     epsilon equals that of a single process with the same global batch and steps.
+
+    Local SGD and DiLoCo (``"local_sgd"``, ``"diloco"``, ``"diloco_x"``): every process is a replica that runs its own
+    DP-SGD on its own shard (Poisson sampling at the same rate ``q`` over the samples it owns, full noise
+    ``noise_multiplier * max_grad_norm`` added by every replica to its own clipped sum, Opacus' single-process
+    optimizer, no gradient all-reduce); the strategy's averaging and outer steps only post-process the replicas'
+    noised parameters, and the shards are disjoint, so the run's epsilon is one replica's (parallel composition),
+    the number logged. Refused: Local SGD's ``warmup_steps > 0``, node replicas (``replica_size > 1``) and every
+    compressed DDP strategy; docs/methods/differential-privacy.md gives the argument.
 
     Gradient accumulation: one optimizer step consumes one Poisson batch, split into ``accumulate_grad_batches``
     micro-batches; clipping, noise, normalisation and accounting happen once per optimizer step.
@@ -205,6 +204,7 @@ class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
         self._dp_optimizer: DPOptimizer | None = None
         self._patched: list[tuple[object, str, Any]] = []
         self._loader_built = False
+        self._mode: checks.Mode = "single"
 
     @property
     def state_key(self) -> str:
@@ -231,7 +231,9 @@ class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
                 "Create a new DifferentialPrivacy for a new run, or pass ckpt_path=... to continue the earlier one."
             )
         self._trainer = trainer
-        checks.check_trainer(trainer, pl_module, self.clipping, DifferentialPrivacy)
+        self._mode = checks.check_trainer(trainer, pl_module, self.clipping, DifferentialPrivacy)
+        # one DP-SGD per replica (Local SGD, DiLoCo): every replica draws its own noise, also with a seed
+        self.randomness.replica = trainer.global_rank if self._mode == "replicas" else None
         if self.fix_model:
             fixed = checks.fix_in_place(pl_module)
             if fixed:
@@ -246,62 +248,6 @@ class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
         if self.poisson_sampling:
             loader.install(trainer, lambda user_loader: self._poisson_loader(user_loader, trainer), self._patch)
         self._patch_backward(trainer, pl_module)
-
-    def _patch_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        accumulate = trainer.accumulate_grad_batches
-        original_backward = pl_module.backward
-        if self.grad_sample_mode == "ghost":
-            def ghost_backward(loss: Tensor, *args: Any, **kwargs: Any) -> None:
-                assert self._hooks is not None and self._dp_optimizer is not None
-                ghost.ghost_backward(self._hooks, self._dp_optimizer.params, original_backward, loss * accumulate,
-                                     *args, **kwargs)
-
-            self._patch(pl_module, "backward", ghost_backward)
-        elif accumulate > 1:
-            # Lightning divides the loss by accumulate_grad_batches before backward; per-sample gradients must be
-            # those of each sample's own loss, so undo it (the DP optimizer normalises once per optimizer step).
-            names = {id(p): n for n, p in pl_module.named_parameters()}
-
-            def backward(loss: Tensor, *args: Any, **kwargs: Any) -> None:
-                params = list(self._dp_optimizer.params) if self._dp_optimizer is not None else []
-                before = [_grad_sample_entries(p) for p in params]
-                original_backward(loss * accumulate, *args, **kwargs)
-                self._check_same_parameters_every_micro_batch(params, before, names, accumulate)
-
-            self._patch(pl_module, "backward", backward)
-
-    def _check_same_parameters_every_micro_batch(self, params: list[Any], before: list[int], names: dict[int, str],
-                                                 accumulate: int) -> None:
-        """Opacus' per-sample gradients of one optimizer step are concatenated per parameter over its micro-batches;
-        a parameter used in only some of them (a dynamic graph) cannot be aligned with the others' samples."""
-        if not any(before):
-            self._step_participants = None  # the first micro-batch of an optimizer step
-        grew = frozenset(i for i, p in enumerate(params) if _grad_sample_entries(p) > before[i])
-        if not grew:
-            return  # no per-sample gradient at all (an empty micro-batch)
-        if self._step_participants is None:
-            self._step_participants = grew
-        elif grew != self._step_participants:
-            odd = sorted(names.get(id(params[i]), f"#{i}") for i in grew ^ self._step_participants)
-            raise ValueError(
-                f"DifferentialPrivacy(grad_sample_mode={self.grad_sample_mode!r}) with accumulate_grad_batches="
-                f"{accumulate}: the parameters {', '.join(odd[:5])}{', ...' if len(odd) > 5 else ''} got per-sample "
-                "gradients in only some micro-batches of one optimizer step (a dynamic graph), so their per-sample "
-                "gradients cannot be aligned with the other parameters' samples. Use grad_sample_mode='ghost' (which "
-                "handles it), accumulate_grad_batches=1, or use every trainable parameter in every micro-batch."
-            )
-
-    def _patch(self, obj: object, name: str, fn: Callable[..., Any]) -> None:
-        self._patched.append((obj, name, obj.__dict__.get(name, _MISSING)))
-        setattr(obj, name, fn)
-
-    def _restore_patches(self) -> None:
-        for obj, name, previous in reversed(self._patched):
-            if previous is _MISSING:
-                obj.__dict__.pop(name, None)  # the instance attribute goes; the class's method shows again
-            else:
-                obj.__dict__[name] = previous
-        self._patched = []
 
     def _poisson_loader(self, user_loader: Any, trainer: pl.Trainer) -> DataLoader:
         if not self.randomness.started:  # setup always starts it; a loader built outside a fit gets secret ones too
@@ -383,8 +329,12 @@ class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
         model = trainer.strategy.model
         if isinstance(model, DistributedDataParallel):
             # DDP would all-reduce the raw summed gradient in backward; Opacus' distributed optimizer reduces the
-            # clipped, noised one itself. `require_backward_grad_sync` is DDP's public switch (what no_sync sets).
+            # clipped, noised one itself (per replica: nothing is reduced). `require_backward_grad_sync` is DDP's
+            # public switch (what no_sync sets).
             model.require_backward_grad_sync = False
+        if self._mode == "replicas" and trainer.strategy.gradient_averaging_comm() is not None:  # type: ignore[attr-defined]
+            raise RuntimeError(f"DifferentialPrivacy: strategy {checks.strategy_name(trainer.strategy)!r} would "
+                               "average gradients at this step; each replica's DP-SGD must keep them local.")
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: Optimizer) -> None:
@@ -433,38 +383,3 @@ class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, Callback):
                 del module.activations
             if isinstance(module.__dict__.get("max_batch_len"), int):
                 del module.max_batch_len
-
-    # ------------------------------------------------------------------ checkpointing
-
-    def state_dict(self) -> dict[str, Any]:
-        max_grad_norm = None
-        if self.clipping == "adaptive" and self._dp_optimizer is not None:
-            max_grad_norm = float(self._dp_optimizer.max_grad_norm)
-        return {
-            "version": _STATE_VERSION,
-            "accountant": self.accountant_name,
-            "history": [(float(s), float(q), int(n)) for s, q, n in self.accountant.history],
-            "steps": self.steps,
-            "noise_multiplier": self.resolved_noise_multiplier,
-            "calibrated": self._calibrated,
-            "sample_rate": self.sample_rate,
-            "target_delta": self.target_delta,
-            "steps_per_epoch": self._steps_per_epoch,
-            "max_grad_norm": max_grad_norm,
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("accountant") != self.accountant_name:
-            raise ValueError(f"DifferentialPrivacy: the checkpoint's accountant={state_dict.get('accountant')!r} "
-                             f"differs from accountant={self.accountant_name!r}; resume with the same accountant.")
-        self.accountant.history = [(float(s), float(q), int(n)) for s, q, n in state_dict["history"]]
-        self.steps = int(state_dict["steps"])
-        self._calibrated = bool(state_dict.get("calibrated", False)) and self.target_epsilon is not None
-        if self._calibrated:
-            self.resolved_noise_multiplier = float(state_dict["noise_multiplier"])
-        self.sample_rate = state_dict.get("sample_rate")
-        self._steps_per_epoch = state_dict.get("steps_per_epoch")
-        self._restored_max_grad_norm = state_dict.get("max_grad_norm")
-        self._eps_cache = None
-        self._ended_a_fit = False
-

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import nn
 
@@ -36,17 +37,13 @@ FP16_REASON = (
 )
 
 
-def check_trainer(trainer: pl.Trainer, pl_module: pl.LightningModule, clipping: str, callback_type: type) -> None:
-    """Refuse trainer settings, strategies and callbacks under which DP-SGD's guarantee would not hold."""
+def check_trainer(trainer: pl.Trainer, pl_module: pl.LightningModule, clipping: str, callback_type: type) -> Mode:
+    """Refuse trainer settings, strategies and callbacks under which DP-SGD's guarantee would not hold; return how
+    DP-SGD runs under the trainer's strategy (see :func:`data_parallel_mode`)."""
     if not pl_module.automatic_optimization:
         raise ValueError("DifferentialPrivacy needs automatic optimization: the DP optimizer step, the Poisson "
                          "batches and the accounting follow the optimizer steps Lightning runs.")
-    strategy = trainer.strategy
-    if type(strategy) not in (SingleDeviceStrategy, DDPStrategy):
-        raise ValueError(
-            f"DifferentialPrivacy supports single-device training and Lightning's DDPStrategy, got "
-            f"{type(strategy).__name__}: Opacus' optimizer must be the only one to reduce gradients."
-        )
+    mode = data_parallel_mode(trainer.strategy)
     precision = str(trainer.precision)
     if precision in ("16-mixed", "16"):
         raise ValueError(f"DifferentialPrivacy does not support precision={precision!r}: {FP16_REASON}.")
@@ -74,6 +71,81 @@ def check_trainer(trainer: pl.Trainer, pl_module: pl.LightningModule, clipping: 
             if name in names:
                 raise ValueError(f"DifferentialPrivacy cannot be combined with {type(cb).__name__}: {reason}. "
                                  "Remove one of the two callbacks.")
+    return mode
+
+
+# ---------------------------------------------------------------------- strategies
+
+#: How DP-SGD runs under a strategy: ``"single"`` (one process), ``"ddp"`` (one DP-SGD over all ranks: Opacus'
+#: distributed optimizer, noise on rank 0, the noised sum all-reduced) or ``"replicas"`` (Local SGD, DiLoCo: every
+#: process is a replica running its own DP-SGD on its own shard, full noise on every replica, no gradient
+#: all-reduce; the strategy's averaging and outer steps post-process the replicas' noised parameters).
+Mode = Literal["single", "ddp", "replicas"]
+
+COMPRESSED_REASON = (
+    "a compressed, error-fed per-rank message is not a post-processing of the noised sum: the compressor would "
+    "average each rank's raw gradient sum, before Opacus clips per sample and adds the noise, and its error "
+    "feedback carries what it dropped into later steps"
+)
+WARMUP_REASON = (
+    "Local SGD's warm-up is plain DDP (identical replicas, gradients averaged every step), which under DP-SGD "
+    "needs Opacus' distributed optimizer (noise added once to the all-reduced sum), while after the warm-up every "
+    "replica needs its own noise; the callback runs one DP-SGD per replica for the whole fit, so the warm-up "
+    "replicas would drift apart unaveraged. Use warmup_steps=0"
+)
+NODE_REPLICA_REASON = (
+    "a replica of {size} processes keeps its processes identical by averaging their raw gradients every step, "
+    "which under DP-SGD needs a distributed DP optimizer inside each replica (noise once per replica, on the "
+    "all-reduced clipped sum); the callback runs one DP-SGD per process. Use replica_size=1 (one process per replica)"
+)
+
+
+def strategy_name(strategy: Any) -> str:
+    """The name a strategy is registered under (``"ddp"``, ``"local_sgd"``, ``"diloco"``, ``"diloco_x"`` for a
+    DiLoCo with overlap or a compressor, ``"ddp_<compressor>"``), else its class name."""
+    if type(strategy) is SingleDeviceStrategy:
+        return "single_device"
+    if type(strategy) is DDPStrategy:
+        return "ddp"
+    own = getattr(type(strategy), "strategy_name", None)
+    if own == "diloco":
+        local = not getattr(strategy, "overlap", False) and getattr(strategy, "compressor", None) is None
+        return "diloco" if local else "diloco_x"
+    if own == "compressed_ddp":
+        compressor = getattr(strategy, "compressor", None)
+        name = getattr(compressor, "name", "compressed")
+        if name == "cast":
+            name = "bf16" if getattr(compressor, "dtype", None) == torch.bfloat16 else "fp16"
+        return f"ddp_{name}"
+    return own if own == "local_sgd" else type(strategy).__name__
+
+
+def data_parallel_mode(strategy: Any) -> Mode:
+    """How DP-SGD runs under ``strategy``, or a ``ValueError`` naming the callback, the strategy and the reason
+    where the privacy argument fails (see docs/methods/differential-privacy.md, "With Local SGD and DiLoCo")."""
+    if type(strategy) is SingleDeviceStrategy:
+        return "single"
+    if type(strategy) is DDPStrategy:
+        return "ddp"
+    name = strategy_name(strategy)
+
+    def refuse(reason: str) -> ValueError:
+        return ValueError(f"DifferentialPrivacy cannot run under strategy {name!r} ({type(strategy).__name__}): "
+                          f"{reason}.")
+
+    own = getattr(type(strategy), "strategy_name", None)
+    if own == "compressed_ddp":
+        raise refuse(COMPRESSED_REASON)
+    if own not in ("local_sgd", "diloco") or not callable(getattr(strategy, "gradient_averaging_comm", None)):
+        raise refuse("DifferentialPrivacy supports single-device training, Lightning's DDPStrategy ('ddp'), Local "
+                     "SGD ('local_sgd') and DiLoCo ('diloco', 'diloco_x'): Opacus' optimizer, or one DP-SGD per "
+                     "replica, must be the only one to reduce gradients")
+    if own == "local_sgd" and getattr(strategy, "warmup_steps", 0) > 0:
+        raise refuse(f"warmup_steps={strategy.warmup_steps}: {WARMUP_REASON}")
+    size = int(getattr(strategy, "replica_size", 1))
+    if size > 1:
+        raise refuse(f"replica_size={size}: {NODE_REPLICA_REASON.format(size=size)}")
+    return "replicas"
 
 # ---------------------------------------------------------------------- model checks
 

@@ -237,6 +237,7 @@ class OptimizerWrapping:
     _hooks: Any
     _dp_optimizer: Any
     _restored_max_grad_norm: float | None
+    _mode: str
 
     def _remove_hooks(self) -> None:
         if self._hooks is not None:
@@ -259,7 +260,7 @@ class OptimizerWrapping:
         if any(id(p) not in module_params for p in params):
             raise ValueError("DifferentialPrivacy: the optimizer holds parameters that are not the LightningModule's.")
 
-        distributed = trainer.world_size > 1
+        distributed = trainer.world_size > 1 and self._mode == "ddp"  # per replica: every process its own DP-SGD
         ghost_mode = self.grad_sample_mode == "ghost"
         hooks_cls = bookkeeping_hooks_class() if ghost_mode else get_hooks_class(self.grad_sample_mode)
         hook_kwargs: dict[str, Any] = {"batch_first": True, "loss_reduction": self.loss_reduction}
@@ -276,7 +277,8 @@ class OptimizerWrapping:
         kwargs: dict[str, Any] = {
             "noise_multiplier": self.resolved_noise_multiplier,
             "max_grad_norm": clip_bound(self.clipping, self.max_grad_norm, len(params)),
-            "expected_batch_size": self.expected_batch_size / trainer.world_size,  # per rank (Opacus' convention)
+            # per rank (Opacus' convention; per replica: one process each)
+            "expected_batch_size": self.expected_batch_size / trainer.world_size,
             "loss_reduction": self.loss_reduction,
             "generator": self.randomness.noise,
             "secure_mode": self.secure_mode,

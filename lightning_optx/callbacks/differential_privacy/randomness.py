@@ -11,8 +11,10 @@ Three sources:
   derived from the global seed, never logged and never written to a checkpoint; a resumed run draws fresh,
   unpredictable batches and noise. Runs are not reproducible.
 * **reproducible** (``seed=...``): every step's Poisson draw and noise come from a generator seeded with
-  ``derive_seed(seed, ...)`` and the step, so a run is repeatable and a resume is bit-exact. The seed (and with
-  it anyone holding the code and the configuration) reveals the noise: for research and tests only.
+  ``derive_seed(seed, ...)`` and the step (the Poisson draw also with the rank and the epoch; the noise also with the
+  replica where every replica adds its own, under Local SGD and DiLoCo), so a run is repeatable and a resume is
+  bit-exact. The seed (and with it anyone holding the code and the configuration) reveals the noise: for research
+  and tests only.
 * **secure** (``secure_mode=True``): a cryptographically secure generator (``torchcsprng``, as Opacus) and
   Opacus' noise that resists floating-point attacks.
 """
@@ -119,6 +121,8 @@ class Randomness:
         self.secure_mode = secure_mode
         self.sampling: Any = None
         self.noise: Any = None
+        #: the replica whose noise this is when every replica adds its own (reproducible seeds differ per replica)
+        self.replica: int | None = None
         #: generators were created for the current fit (reset by :meth:`stop`)
         self.started = False
 
@@ -144,7 +148,13 @@ class Randomness:
     def before_step(self, step: int) -> None:
         """Reseed the noise of DP step ``step`` (reproducible mode only; a no-op otherwise)."""
         if self.reproducible and self.noise is not None:
-            self.noise.manual_seed(P.derive_seed(self.seed, "noise", step))
+            self.noise.manual_seed(P.derive_seed(self.seed, *self.noise_stream, step))
+
+    @property
+    def noise_stream(self) -> tuple[Any, ...]:
+        """The parts (before the step) of a reproducible noise seed: one stream for a fit whose noise is added once
+        (one process, or rank 0 under DDP), one per replica when every replica adds its own (Local SGD, DiLoCo)."""
+        return ("noise",) if self.replica is None else ("noise", "replica", self.replica)
 
     @property
     def sampling_seed(self) -> int | None:
