@@ -216,3 +216,38 @@ def test_unknown_ddp_subclass_is_refused():
                                          "and lightning_optx's strategies, got OtherDDP"):
         run_job(TrainJob(module=MultiTaskModule, callbacks=[GradientSurgery("pcgrad")], strategy=OtherDDP(),
                          trainer_kwargs={"max_steps": 1}))
+
+
+class InfOnRank0AtStep1(MultiTaskModule):
+    """Task 0's loss is inf on rank 0 only, at step 1: every rank must skip that step together."""
+
+    def task_losses(self, x, y):
+        losses = super().task_losses(x, y)
+        if self.trainer.global_step == 1 and self.trainer.global_rank == 0:
+            losses["task0"] = losses["task0"] * float("inf")
+        return losses
+
+
+def compressor_iteration(trainer, module):
+    return {"iteration": trainer.strategy.compressor.iteration,
+            "skipped_syncs": trainer.strategy.skipped_nonfinite_syncs,
+            "scale": trainer.precision_plugin.scaler.get_scale()}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_fp16_non_finite_step_on_one_rank_is_averaged_uncompressed_and_skipped_everywhere():
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))
+    ranks = run_job(TrainJob(module=InfOnRank0AtStep1, callbacks=[GradientSurgery("sam_gs")], strategy=powersgd(),
+                             trainer_kwargs={"max_steps": 4, "plugins": [plugin]}, inspect=compressor_iteration),
+                    world_size=2)
+    assert_ranks_identical(ranks)
+    for r in ranks:
+        state = next(iter(r.callback_states.values()))
+        assert state["skipped_nonfinite_steps"] == 1  # both ranks saw the inf of rank 0
+        assert state["aggregator"]["state"]["step"] == 3  # the method's state skipped it too
+        assert r.inspected["skipped_syncs"] == 1
+        assert r.inspected["iteration"] == 3  # the compressor's state was left untouched at that step
+        assert all(torch.isfinite(p).all() for p in r.params.values())
