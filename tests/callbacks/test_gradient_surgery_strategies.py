@@ -251,3 +251,19 @@ def test_fp16_non_finite_step_on_one_rank_is_averaged_uncompressed_and_skipped_e
         assert r.inspected["skipped_syncs"] == 1
         assert r.inspected["iteration"] == 3  # the compressor's state was left untouched at that step
         assert all(torch.isfinite(p).all() for p in r.params.values())
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_local_sgd_node_replicas_average_task_gradients_inside_the_replica_only():
+    """4 processes, replicas of 2: task gradients averaged inside a replica every step, never across replicas."""
+    ranks = run_job(job(LocalSGDStrategy(period=PERIOD, replica_size=2), callbacks=[StepRecorder()]),
+                    world_size=4)
+    traces = [r.inspected for r in ranks]
+    task_records = [r for r in traces[0]["records"] if r["tag"] in ("task_grads", "reached")]
+    assert task_records and all(r["world_size"] == 2 for r in task_records)
+    syncs = set(traces[0]["sync_steps"])
+    for s in sorted(traces[0]["params"]):
+        assert torch.equal(traces[0]["params"][s], traces[1]["params"][s]), f"replica 0 split at step {s}"
+        assert torch.equal(traces[2]["params"][s], traces[3]["params"][s]), f"replica 1 split at step {s}"
+        assert torch.equal(traces[0]["params"][s], traces[2]["params"][s]) == (s in syncs), s
