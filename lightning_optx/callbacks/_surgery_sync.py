@@ -100,17 +100,16 @@ class TaskGradientSync:
                  reached: set[int], specific: Sequence[tuple[str, Tensor]]) -> int:
         """Average in place the per-task rows of the shared parameters (``rows[t]``: task ``t``, flattened, in
         the loss scale) and the task-specific gradients; returns the bytes the ledger recorded."""
-        comm = self.comm()
-        if comm is None:
-            return 0
         before = self.ledger_comm.ledger.total_bytes
-        if self.mode == "compressed":
+        if self.mode == "compressed":  # also on one process: the strategy compresses there too (no traffic)
             tensors, keys = _named_pieces(rows, task_names, shared, reached)
             tensors += [g for _, g in specific]
             keys += [n for n, _ in specific]
             if tensors:
                 self.strategy.average_gradients_(tensors, keys, tag=TAG)
-        else:
+            return self.ledger_comm.ledger.total_bytes - before
+        comm = self.comm()
+        if comm is not None:
             with strict_collectives(comm.check_devices):
                 all_reduce_mean_coalesced_([*([rows] if rows is not None else []), *(g for _, g in specific)],
                                            comm, tag=TAG)

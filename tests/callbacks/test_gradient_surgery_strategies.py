@@ -267,3 +267,16 @@ def test_local_sgd_node_replicas_average_task_gradients_inside_the_replica_only(
         assert torch.equal(traces[0]["params"][s], traces[1]["params"][s]), f"replica 0 split at step {s}"
         assert torch.equal(traces[2]["params"][s], traces[3]["params"][s]), f"replica 1 split at step {s}"
         assert torch.equal(traces[0]["params"][s], traces[2]["params"][s]) == (s in syncs), s
+
+
+def compressor_keys(trainer, module):
+    return sorted(trainer.strategy.compressor.residuals), trainer.strategy.compressor.iteration
+
+
+def test_one_process_compressed_ddp_still_compresses_each_task():
+    """As the strategy itself: on one process the compression (and its error feedback) applies, with no traffic."""
+    [r] = run_job(TrainJob(module=MultiTaskModule, callbacks=[GradientSurgery("pcgrad")], strategy=powersgd(),
+                           trainer_kwargs={"max_steps": 3}, inspect=compressor_keys))
+    keys, iteration = r.inspected
+    assert keys == [f"{t}/trunk.{i}.weight" for t in ("task0", "task1") for i in (0, 2)]
+    assert iteration == 3
