@@ -38,10 +38,12 @@ Run it (``--method sum`` is equal weighting, the baseline; about 15 s of trainin
     python examples/multitask.py --method pcgrad --strategy ddp --devices 2 --accelerator cpu
     tensorboard --logdir runs/multitask
 
-``GradientSurgery`` supports single-device training and ``ddp`` (it averages each task's gradient across
-ranks itself); any other ``--strategy`` is accepted by the parser and refused by the callback with a clear
-error. ``--batch-size`` is per device. It prints the final validation metrics, the combined score and the
-mean conflict rate (rank 0); TensorBoard logs go to ``--out-dir``. ``benchmarks/surgery.py`` imports
+``GradientSurgery`` supports single-device training, ``ddp`` (it averages each task's gradient across ranks
+itself) and lightning_optx's strategies (``local_sgd``/``diloco``/``diloco_x``: surgery on each replica's own
+gradients between syncs; ``ddp_powersgd`` etc.: each task's gradient compressed, see
+``docs/methods/gradient-surgery.md``); any other ``--strategy`` is refused by the callback with a clear error.
+``--batch-size`` is per device. It prints the final validation metrics, the combined score and the mean conflict
+rate (rank 0); TensorBoard logs go to ``--out-dir``. ``benchmarks/surgery.py`` imports
 :func:`build_data`, :class:`MultiTaskNet`, :func:`task_loss`, :func:`method_settings` and :func:`train` from here.
 """
 
@@ -415,7 +417,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Adam's beta1; auto: 0 for gcond (it has its own momentum), 0.9 otherwise")
     parser.add_argument("--tasks", default=DEFAULTS["tasks"], help=f"comma-separated, among {', '.join(TASKS)}")
     parser.add_argument("--strategy", default="auto",
-                        help="any registered strategy name; GradientSurgery supports single-device and ddp only")
+                        help="any registered strategy name (ddp, local_sgd, diloco, ddp_powersgd, ...)")
     parser.add_argument("--devices", type=_devices, default=1, help="devices (processes) per node")
     parser.add_argument("--accelerator", default="cpu")
     parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])

@@ -9,7 +9,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.nn import Parameter
@@ -24,7 +23,9 @@ from lightning_optx.callbacks._surgery_buffers import (
     unflatten_into_grads,
     width_of,
 )
-from lightning_optx.distributed import Communicator, all_reduce_mean_coalesced_
+from lightning_optx.callbacks._surgery_sync import TaskGradientSync, sync_mode
+from lightning_optx.checkpointing import per_rank_state
+from lightning_optx.distributed import Communicator
 from lightning_optx.functional import surgery as S
 
 SharedSpec = nn.Module | Sequence[Parameter] | Sequence[str] | None
@@ -55,10 +56,21 @@ class GradientSurgery(Callback):
     Gradient accumulation: per-task gradients are summed over the micro-batches and aggregated once, at the
     last micro-batch of the optimizer step. AMP: the aggregation sees unscaled gradients and writes its result
     back in the loss scale, before the grad scaler unscales and checks for inf; a non-finite step leaves the
-    method's state untouched and the scaler skips it. DDP: DDP's own all-reduce is switched off; each task's
-    gradient (and every task-specific gradient) is averaged across ranks in one coalesced all-reduce before
-    aggregation, so every rank applies the same update, equal to surgery on the global batch. That costs
-    ``T x shared + task-specific`` floats per step instead of DDP's ``all parameters``; the bytes are logged.
+    method's state untouched and the scaler skips it.
+
+    Strategies (DDP's own all-reduce is switched off; the bytes are logged as ``surgery/bytes_per_step``):
+
+    - Lightning's DDP: each task's gradient (and every task-specific gradient) is averaged across ranks in one
+      coalesced all-reduce before aggregation, so every rank applies the same update, equal to surgery on the
+      global batch; ``T x shared + task-specific`` floats per step instead of DDP's ``all parameters``.
+    - ``local_sgd``, ``diloco``, ``diloco_x``: surgery on each replica's own per-task gradients, with no
+      cross-rank traffic between the strategy's syncs; where the strategy would average gradients at a step
+      (Local SGD's warm-up: the world; node replicas: the replica) each task's gradient is averaged over that
+      group first. The method's state then differs per rank and is checkpointed per rank.
+    - compressed DDP (``ddp_powersgd``, ``ddp_topk``, ``ddp_sign``, ``ddp_fp16``, ``ddp_bf16``): each task's
+      gradient goes through the strategy's compressor under its own keys (``"<task>/<parameter>"``, so its own
+      error feedback), ``T x`` the strategy's payload for the shared parameters; every rank applies the same
+      update. See ``docs/methods/gradient-surgery.md`` for the reasoning.
 
     ``"loss"`` is used for logging only: terms of it that are not task losses (a regulariser) are not
     optimised under surgery; make them a task, or add them to every task's loss.
@@ -97,7 +109,8 @@ class GradientSurgery(Callback):
         self.shared_spec = shared
         self.method_options = {**(method_options or {}), **kwargs}
         self.aggregator = S.make_aggregator(method, **self.method_options)
-        self.comm = Communicator()
+        self.comm = Communicator()  # the callback's own group under Lightning's DDP
+        self._sync = TaskGradientSync(self.comm)
         self.skipped_nonfinite_steps = 0
 
         self._task_names: list[str] | None = None
@@ -107,7 +120,7 @@ class GradientSurgery(Callback):
         self._reached_shared: set[int] = set()  # shared parameters some task reached in this optimizer step
         self._saved_shared_names: list[str] | None = None  # the layout of a checkpoint, restored on resume
         # task-specific gradients of this optimizer step, per task, written to .grad when it is aggregated
-        self._pending_specific: dict[int, tuple[Parameter, dict[int, Tensor]]] = {}
+        self._pending_specific: dict[int, tuple[str, Parameter, dict[int, Tensor]]] = {}
         self._task_losses: dict[str, Tensor] | None = None
         self._buffers: Tensor | None = None  # (T, n_shared), summed over micro-batches, in the loss scale
         self._last_micro_batch = True
@@ -130,9 +143,15 @@ class GradientSurgery(Callback):
             raise ValueError("GradientSurgery needs automatic optimization: it replaces the backward pass Lightning "
                              "runs; with manual optimization call `lightning_optx.functional.surgery` yourself.")
         strategy = trainer.strategy
-        if type(strategy) not in (SingleDeviceStrategy, DDPStrategy):
-            raise ValueError(f"GradientSurgery supports single-device training and Lightning's DDPStrategy, got "
-                             f"{type(strategy).__name__}: it averages each task's gradient across ranks itself.")
+        mode = sync_mode(strategy)
+        if mode is None:
+            raise ValueError(f"GradientSurgery supports single-device training, Lightning's DDPStrategy and "
+                             f"lightning_optx's strategies, got {type(strategy).__name__}: it averages each task's "
+                             "gradient across ranks itself.")
+        self._sync.attach(strategy, mode)
+        store = per_rank_state(trainer)
+        if self._sync.per_rank and store is not None:  # local gradients: the method's state differs per rank
+            store.register(f"GradientSurgery/{self.state_key}", self)
         self._disable_donated_buffers()
 
     def _disable_donated_buffers(self) -> None:
@@ -248,7 +267,7 @@ class GradientSurgery(Callback):
         if self._buffers is None and shared_params:
             self._buffers = torch.empty(len(names), width_of(shared_params), dtype=common_dtype(shared_params),
                                         device=shared_params[0].device)
-        local_reached = torch.zeros(len(names), len(params), dtype=torch.float32)
+        local_reached = torch.zeros(len(names), len(params), dtype=torch.float32, device="cpu")
         specific: list[dict[int, Tensor]] = []
         for t, name in enumerate(names):
             grads = torch.autograd.grad(losses[name].reshape(()) * scale, params,
@@ -262,7 +281,7 @@ class GradientSurgery(Callback):
         reached = self._agreed(local_reached)  # (T, P) bool, agreed by every rank
         if first:
             self._warn_unreached(reached)
-        self._collect_specific(params, specific, reached, shared_ids)
+        self._collect_specific(self._trainable, specific, reached, shared_ids)
         grown = self._update_shared(reached)
         if grown:
             self._grow_buffers(grown, len(names))
@@ -272,13 +291,13 @@ class GradientSurgery(Callback):
         if self._last_micro_batch:
             self._aggregate_into_grads()
 
-    def _collect_specific(self, params: list[Parameter], specific: Sequence[dict[int, Tensor]], reached: Tensor,
-                          shared_ids: set[int]) -> None:
+    def _collect_specific(self, named: list[tuple[str, Parameter]], specific: Sequence[dict[int, Tensor]],
+                          reached: Tensor, shared_ids: set[int]) -> None:
         """Keep each reached, non-shared parameter's gradient per task until the step is aggregated."""
-        for k, p in enumerate(params):
+        for k, (name, p) in enumerate(named):
             if id(p) in shared_ids or not bool(reached[:, k].any()):
                 continue
-            _, by_task = self._pending_specific.setdefault(id(p), (p, {}))
+            _, _, by_task = self._pending_specific.setdefault(id(p), (name, p, {}))
             for t, grads in enumerate(specific):
                 g = grads.get(k)
                 if g is None and bool(reached[t, k]):
@@ -301,7 +320,7 @@ class GradientSurgery(Callback):
         offset = old
         for p in grown:
             entry = self._pending_specific.pop(id(p), None)
-            for t, g in (entry[1] if entry is not None else {}).items():
+            for t, g in (entry[2] if entry is not None else {}).items():
                 self._buffers[t, offset : offset + p.numel()] += g.reshape(-1).to(self._buffers.dtype)
             offset += p.numel()
 
@@ -311,16 +330,14 @@ class GradientSurgery(Callback):
         assert self._trainer is not None
         buffers, self._buffers = self._buffers, None
         reached, self._reached_shared = self._reached_shared, set()
-        specific = []
-        for p, by_task in self._pending_specific.values():
+        specific: list[tuple[str, Tensor]] = []
+        for name, p, by_task in self._pending_specific.values():
             total = torch.stack(list(by_task.values())).sum(0) if len(by_task) > 1 else next(iter(by_task.values()))
             p.grad = total if p.grad is None else p.grad + total
-            specific.append(p.grad)
+            specific.append((name, p.grad))
         self._pending_specific = {}
-        before = self.comm.ledger.total_bytes
-        all_reduce_mean_coalesced_([*([buffers] if buffers is not None else []), *specific], self.comm,
-                                   tag="task_grads")
-        self._sync_bytes = self.comm.ledger.total_bytes - before
+        assert self._task_names is not None
+        self._sync_bytes = self._sync.average_(buffers, self._task_names, self._shared, reached, specific)
         if buffers is None:  # nothing shared yet: the gradients passed through unchanged
             return
         scaler = self._scaler()
@@ -387,13 +404,9 @@ class GradientSurgery(Callback):
             self._shared = [(n, by_name[n]) for n in self._saved_shared_names]
 
     def _agreed(self, local: Tensor) -> Tensor:
-        """``reached[t, k]``: task ``t`` reached trainable parameter ``k``, on this rank or (DDP) on any rank."""
-        if self._trainer is not None and self._trainer.world_size > 1:
-            device = self._trainable[0][1].device
-            agreed = local.to(device)
-            all_reduce_mean_coalesced_([agreed], self.comm, tag="reached")
-            return agreed.cpu() > 0
-        return local > 0
+        """``reached[t, k]``: task ``t`` reached trainable parameter ``k``, on this rank or on any rank whose
+        gradients are averaged with this rank's at this step."""
+        return self._sync.agree_any_(local)
 
     def _update_shared(self, reached: Tensor) -> list[Parameter]:
         """Append the parameters reached by two tasks for the first time (discovery mode), or those of ``shared``

@@ -105,24 +105,39 @@ class CompressedDDPStrategy(OptxDDPStrategy):
                 f"{type(self).__name__}: parameters {missing[:5]} received no gradient in this step. Every rank must "
                 "send the same tensors; freeze unused parameters (requires_grad=False) before fitting."
             )
-        names = [n for n, _ in named]
         grads = [p.grad for _, p in named]
         assert all(g is not None for g in grads)
-        tensors: list[Tensor] = grads  # type: ignore[assignment]
+        self.average_gradients_(grads, [n for n, _ in named], tag="grad")  # type: ignore[arg-type]
+
+    def average_gradients_(self, tensors: list[Tensor], names: list[str], tag: str = "grad") -> bool:
+        """Average ``tensors`` (gradients in the loss scale) across all ranks in place, as this strategy does.
+
+        Node replicas: full precision inside the node first, compressed across nodes. fp16 AMP: compressed in
+        unscaled units; a step with inf/NaN on any rank is averaged uncompressed and leaves the compressor
+        state untouched. The compressor's state is keyed by ``names`` (so several gradients of one parameter,
+        e.g. per task, each keep their own error feedback); one call is one compressor iteration. Callbacks that
+        average gradients themselves (gradient surgery) call it once per optimizer step, on every rank with the
+        same names. Returns whether the gradients were compressed (``False``: a non-finite step).
+        """
+        with self._collective_scope():
+            return self._average_gradients_(tensors, names, tag)
+
+    def _average_gradients_(self, tensors: list[Tensor], names: list[str], tag: str) -> bool:
         check = self.check_finite if self.check_finite is not None else self._grad_scale() != 1.0
         if check and not agree(all_finite(tensors), self.world_comm, how="all"):
             self.skipped_nonfinite_syncs += 1
-            all_reduce_mean_coalesced_(tensors, self.world_comm, tag="grad")
-            return
+            all_reduce_mean_coalesced_(tensors, self.world_comm, tag=tag)
+            return False
         if self.replica_comm is not None:  # several nodes: full precision inside the node, compressed across
-            all_reduce_mean_coalesced_(tensors, self.replica_comm, tag="grad")
+            all_reduce_mean_coalesced_(tensors, self.replica_comm, tag=tag)
         scale = self._grad_scale()
         if scale != 1.0:
             torch._foreach_div_(tensors, scale)
-        self.compressor.reduce_(tensors, names, self.comm, tag="grad")
+        self.compressor.reduce_(tensors, names, self.comm, tag=tag)
         self.compressor.end_iteration()
         if scale != 1.0:
             torch._foreach_mul_(tensors, scale)
+        return True
 
     def _after_optimizer_step(self) -> None:
         if not self.broadcast_buffers or not self.world_comm.active:

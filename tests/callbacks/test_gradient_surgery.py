@@ -166,11 +166,6 @@ def test_ddp_resume_with_stateful_method(tmp_path):
     assert_ranks_identical(straight, "callback_states")
 
 
-def test_unsupported_strategy_is_refused():
-    with pytest.raises(ValueError, match="GradientSurgery supports single-device training and Lightning's DDPStrategy"):
-        run_job(job([GradientSurgery("pcgrad")], epochs=1, strategy="local_sgd"))
-
-
 # ---------------------------------------------------------------- dynamic graphs, skipped batches, CLI
 
 
