@@ -460,6 +460,7 @@ def main(argv: list[str] | None = None) -> None:
                              "~40k steps: hours on a CPU)")
     parser.add_argument("--only", default=None,
                         help="with --paper: comma-separated runs to (re)run, merged into grokfast_paper.json")
+    parser.add_argument("--replot", action="store_true", help="with --paper: only redraw the plot from the JSON")
     parser.add_argument("--skip-grokking", action="store_true", help="only the overhead part")
     parser.add_argument("--skip-overhead", action="store_true", help="only the speed-up part")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
@@ -479,6 +480,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.paper:
+        if args.replot:
+            plot_paper(json.loads((RESULTS / "grokfast_paper.json").read_text())["runs"])
+            return
         only = set(args.only.split(",")) if args.only else None
         unknown = (only or set()) - {name for name, _, _ in PAPER_RUNS}
         if unknown:
@@ -611,11 +615,17 @@ def run_paper(cfg: dict[str, Any], only: set[str] | None = None) -> None:
     for key, value in out.items():
         if key.startswith("ratio_"):
             print(f"{key}: {_fmt_ratio(value)}", flush=True)
+    plot_paper(out)
+    print(f"json: {path.relative_to(REPO)}\nwall_s: {time.perf_counter() - start:.0f}")
+
+
+def plot_paper(out: dict[str, Any]) -> None:
     png = RESULTS / "grokfast_paper.png"
     runs = [SimpleNamespace(name=name, history=out[name]["history"], reached_step=out[name]["steps_to_95"])
             for name, _, _ in PAPER_RUNS if name in out]
-    G.plot_runs(runs, png, "x * y mod 97 as the Grokfast authors ran it: validation (solid) and train (dashed)")
-    print(f"plot: {png.relative_to(REPO)}\njson: {path.relative_to(REPO)}\nwall_s: {time.perf_counter() - start:.0f}")
+    G.plot_runs(runs, png, "x * y mod 97 as the Grokfast authors ran it: validation (solid) and train (dashed)",
+                log_steps=True)
+    print(f"plot: {png.relative_to(REPO)}", flush=True)
 
 
 if __name__ == "__main__":

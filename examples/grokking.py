@@ -467,9 +467,11 @@ def train_run(
 
 
 def plot_runs(
-    results: list[RunResult], path: str | os.PathLike, title: str, threshold: float = 0.95, train: bool = True
+    results: list[RunResult], path: str | os.PathLike, title: str, threshold: float = 0.95, train: bool = True,
+    log_steps: bool = False,
 ) -> None:
-    """Train (dashed) and validation (solid) accuracy against optimizer step, one colour per run."""
+    """Train (dashed) and validation (solid) accuracy against optimizer step (``log_steps``: on a log axis), one
+    colour per run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -488,7 +490,9 @@ def plot_runs(
         if res.reached_step is not None:
             ax.axvline(res.reached_step, color=color, ls=":", lw=1)
     ax.axhline(threshold, color="gray", ls=":", lw=0.8)
-    ax.set_xlabel("optimizer step")
+    if log_steps:
+        ax.set_xscale("log")
+    ax.set_xlabel("optimizer step" + (" (log scale)" if log_steps else ""))
     ax.set_ylabel("accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title)
