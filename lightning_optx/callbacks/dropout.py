@@ -12,6 +12,7 @@ from torch import nn
 
 from lightning_optx.callbacks._rng import gather_rng_states, restore_own_rng_state
 from lightning_optx.callbacks._steps import holds_compiled_module, planned_rounds, rounds_before_batch
+from lightning_optx.compatibility import check_supported
 from lightning_optx.functional import schedules as S
 
 Target = Literal["dropout", "drop_path"]
@@ -99,6 +100,10 @@ class DropoutSchedule(Callback):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(mode=self.mode, target=self.target)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            check_supported(self, trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Not in `setup`: `configure_model` (which may build or compile the layers) runs after it.

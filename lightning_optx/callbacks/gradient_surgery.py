@@ -24,6 +24,7 @@ from lightning_optx.callbacks._surgery_buffers import (
     unflatten_into_grads,
     width_of,
 )
+from lightning_optx.compatibility import check_supported
 from lightning_optx.distributed import Communicator, all_reduce_mean_coalesced_
 from lightning_optx.functional import surgery as S
 
@@ -126,6 +127,7 @@ class GradientSurgery(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        check_supported(self, trainer)
         if not pl_module.automatic_optimization:
             raise ValueError("GradientSurgery needs automatic optimization: it replaces the backward pass Lightning "
                              "runs; with manual optimization call `lightning_optx.functional.surgery` yourself.")

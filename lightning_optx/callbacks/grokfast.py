@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_optx.compatibility import check_supported
 from lightning_optx.functional import grokfast as F
 from lightning_optx.functional.common import all_finite, global_norm
 
@@ -96,6 +97,10 @@ class Grokfast(Callback):
         return self._generate_state_key(filter=self.filter)
 
     # ------------------------------------------------------------------ hooks
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            check_supported(self, trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._names = {id(p): name for name, p in pl_module.named_parameters()}
