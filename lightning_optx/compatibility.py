@@ -188,9 +188,14 @@ _ENTRIES: dict[str, dict[str, Compatibility]] = {
         "diloco": _supported(_DP_LOCAL.format(sync="outer steps"), _DP_NODE_REPLICAS),
         "diloco_x": _supported(_DP_LOCAL.format(sync="outer steps (compressed or not)"), _DP_NODE_REPLICAS),
         **{name: _refused(
-            "a compressed, error-fed per-rank message is not a post-processing of the noised sum: each rank's "
-            "error-feedback residual carries its un-noised gradient into later messages, so DP-SGD's guarantee "
-            "no longer holds") for name in COMPRESSED},
+            "a compressed, error-fed per-rank message is not a post-processing of the noised sum: Opacus noises "
+            "the sum of the ranks' clipped gradients once, and each rank's error-feedback residual carries its "
+            "un-noised gradient into later messages, outside the accounted noise") for name in COMPRESSED[:3]},
+        **{name: _refused(
+            "a per-rank message rounded before the sum is not a post-processing of the noised sum: Opacus noises "
+            "the sum of the ranks' clipped gradients once, and rounding each rank's un-noised part first lets one "
+            "sample change the sum by more than max_grad_norm, the sensitivity the noise is calibrated to")
+           for name in COMPRESSED[3:]},
     },
 }
 
@@ -235,8 +240,9 @@ def _compressor_name(compressor: Any) -> str:
     import torch
 
     name = str(getattr(compressor, "name", "compressor")).lower()
-    if name == "cast":
-        return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(getattr(compressor, "dtype", None), name)
+    dtype = getattr(compressor, "dtype", None)
+    if name == "cast" and dtype in (torch.float16, torch.bfloat16):
+        return "fp16" if dtype == torch.float16 else "bf16"
     return name
 
 
