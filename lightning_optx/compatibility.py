@@ -99,13 +99,13 @@ _DP_NODE_REPLICAS = RefusedSetting(
     "node replicas (replica_size > 1)",
     "inside a replica DDP all-reduces the ranks' gradients every step before each rank's DP step, so a "
     "replica's update is no longer one DP-SGD step on its own shard and the parallel-composition argument "
-    "fails",
+    "fails (several nodes default to one replica per node: pass replica_size=1)",
     lambda s: _replica_size(s) > 1,
 )
 _DP_WARMUP = RefusedSetting(
     "warmup_steps > 0",
     "Local SGD's warm-up is plain DDP (gradients all-reduced every step), not DP-SGD run by each replica on its "
-    "own shard",
+    "own shard (pass warmup_steps=0)",
     lambda s: int(getattr(s, "warmup_steps", 0) or 0) > 0,
 )
 
@@ -317,6 +317,24 @@ table and left to each callback's own checks.
 """
 
 
+_FOOTER = """\
+## In code
+
+```python
+from lightning_optx.compatibility import TABLE, refusal
+
+TABLE["GradES", "diloco"].text                          # what the pair does
+refusal("DifferentialPrivacy", trainer.strategy)        # the error message, or None if supported
+```
+
+::: lightning_optx.compatibility.strategy_key
+
+::: lightning_optx.compatibility.check_supported
+
+::: lightning_optx.compatibility.refusal
+"""
+
+
 def _mark(entry: Compatibility) -> str:
     if not entry.supported:
         return "refused"
@@ -356,4 +374,5 @@ def render_markdown() -> str:
             for refused in entry.refused_settings:
                 text += f" **Refused with {refused.setting}**: {refused.reason}."
             lines.append(f"| {_code(names)} | {text} |")
+    lines += ["", _FOOTER.rstrip()]
     return "\n".join(lines) + "\n"

@@ -111,8 +111,8 @@ def make_callback(name: str) -> Callback:
     if name == "Grokfast":
         return Grokfast(filter="ema", alpha=0.9, lamb=2.0)
     if name == "GradES":
-        # both hidden matrices freeze at the end of the grace period (step 2 of 6), right before the checkpoint
-        return GradES(tau=10.0, grace_fraction=0.34, targets=[r"fc\d\.weight$"], stop_when_all_frozen=False)
+        # fc1.weight freezes at the end of the grace period, step 1 of 6: mid-round, before the checkpoint
+        return GradES(tau=10.0, grace_fraction=0.1, targets=[r"fc1\.weight$"], stop_when_all_frozen=False)
     if name == "DropoutSchedule":
         return DropoutSchedule("early", p=DROPOUT_P, cutoff=DROPOUT_CUTOFF)
     if name == "GradientSurgery":
@@ -136,15 +136,15 @@ def make_module(name: str) -> Callable[[], pl.LightningModule]:
 
 
 class Probe(Callback):
-    """This rank's parameters (flattened) after every optimizer step; no state, so not part of the comparison."""
+    """This rank's parameters after every optimizer step (after the callbacks' and the strategy's work on that
+    step); no state, so not part of the resume comparison."""
 
     def __init__(self) -> None:
-        self.steps: list[tuple[int, Tensor]] = []
+        self.steps: list[tuple[int, dict[str, Tensor]]] = []
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        flat = torch.cat([p.detach().flatten().float() for p in pl_module.parameters()])
-        self.steps.append((trainer.global_step, flat.clone()))
+        self.steps.append((trainer.global_step, {n: p.detach().clone() for n, p in pl_module.named_parameters()}))
 
 
 def inspect(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
@@ -167,7 +167,8 @@ def callback_state(result: RankResult, callback: str) -> dict[str, Any]:
     return states[0]
 
 
-def params_at(result: RankResult) -> dict[int, Tensor]:
+def params_at(result: RankResult) -> dict[int, dict[str, Tensor]]:
+    """This rank's parameters after each optimizer step, by step."""
     return dict(result.inspected["steps"])
 
 
@@ -175,14 +176,17 @@ def assert_identical_every_step(ranks: list[RankResult]) -> None:
     a, b = params_at(ranks[0]), params_at(ranks[1])
     assert a.keys() == b.keys() and len(a) == TOTAL_STEPS
     for step in a:
-        assert torch.equal(a[step], b[step]), f"ranks hold different parameters after step {step}"
+        assert_tree_equal(a[step], b[step], f"parameters of rank 0 vs rank 1 after step {step}")
+
+
+def assert_apart_after_step_1(ranks: list[RankResult]) -> None:
+    """Between syncs each rank moves on its own: after step 1, before the first sync, the ranks differ."""
+    assert tree_differences(params_at(ranks[0])[1], params_at(ranks[1])[1]), \
+        "the ranks' parameters agree after step 1: something synchronised (or broadcast) what should stay local"
 
 
 def assert_local_then_consensus(ranks: list[RankResult]) -> None:
-    """Between syncs each rank moves on its own (after step 1, before the first sync), and fit ends on the
-    consensus."""
-    assert not torch.equal(params_at(ranks[0])[1], params_at(ranks[1])[1]), \
-        "the ranks' parameters agree after step 1: the callback synchronised what should stay local"
+    assert_apart_after_step_1(ranks)
     assert_tree_equal(ranks[0].params, ranks[1].params, "parameters of rank 0 vs rank 1 at the end of fit")
 
 
@@ -196,8 +200,21 @@ def check_grokfast(strategy: str, ranks: list[RankResult]) -> None:
 
 
 def check_grades(strategy: str, ranks: list[RankResult]) -> None:
+    """Every rank freezes the same matrix at the same step; a frozen matrix never moves again on any rank (not
+    in an average, an outer step or the end-of-fit sync); under the local strategies freezing broadcasts
+    nothing (the ranks still differ after the freeze at step 1)."""
     f0, f1 = (callback_state(r, "GradES")["frozen"] for r in ranks)
-    assert f0 == f1 and f0, f"the ranks froze different matrices or none: {f0} vs {f1}"
+    assert f0 == f1 == {"net.fc1.weight": 1}, f"the ranks froze {f0} and {f1}"
+    for r in ranks:
+        steps = params_at(r)
+        frozen_value = steps[1]["net.fc1.weight"]
+        for step in range(2, TOTAL_STEPS + 1):
+            assert torch.equal(steps[step]["net.fc1.weight"], frozen_value), f"rank {r.rank}: moved at {step}"
+        assert torch.equal(r.params["net.fc1.weight"], frozen_value), f"rank {r.rank}: moved at the end of fit"
+    if strategy in LOCAL:
+        assert_apart_after_step_1(ranks)
+    else:
+        assert_identical_every_step(ranks)
 
 
 def check_dropout(strategy: str, ranks: list[RankResult]) -> None:
