@@ -2,10 +2,10 @@
 
 Supported pair: a 2-rank fit of a tiny model (6 optimizer steps, 3 per epoch, a synchronisation every 2 steps
 under the local strategies) checks the pair's documented semantics with one cheap assertion, and resumes bit for
-bit from a checkpoint its running fit wrote at step 3, between two synchronisations
-(:func:`~tests.helpers.check_resume_equivalence`). Refused pair (and refused setting of a supported pair): the
-fit fails in the callback's ``setup``, before any optimizer is built, with an error naming the callback, the
-strategy and the table's reason.
+bit from a checkpoint its running fit wrote at step 3, between two synchronisations (the check of
+:func:`~tests.helpers.check_resume_equivalence`, its three fits in one 2-process launch). Refused pair (and
+refused setting of a supported pair): the fit fails in the callback's ``setup``, before any optimizer is built,
+with an error naming the callback, the strategy and the table's reason.
 
 The default run keeps one supported pair per strategy (and every callback at least once) and every refusal
 (they fail fast, all in one 2-process launch); the other supported pairs are ``slow``.
