@@ -14,6 +14,7 @@ from lightning_optx.callbacks._per_rank import RngStream, per_rank_key
 from lightning_optx.callbacks._rng import gather_rng_states, restore_own_rng_state
 from lightning_optx.callbacks._steps import holds_compiled_module, planned_rounds, rounds_before_batch
 from lightning_optx.checkpointing import per_rank_state
+from lightning_optx.compatibility import check_supported
 from lightning_optx.functional import schedules as S
 
 Target = Literal["dropout", "drop_path"]
@@ -110,6 +111,8 @@ class DropoutSchedule(Callback):
         return self._generate_state_key(mode=self.mode, target=self.target)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            check_supported(self, trainer)
         # Before Lightning restores a checkpoint, so that each rank's own RNG state is handed back to it.
         store = per_rank_state(trainer)
         self._rng_per_rank = store is not None and self.save_rng_state

@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from lightning_optx.callbacks._steps import holds_compiled_module, planned_rounds, rounds_after_batch
+from lightning_optx.compatibility import check_supported
 from lightning_optx.functional import grades as F
 
 MetricName = Literal["grad", "weight_delta"]
@@ -158,6 +159,7 @@ class GradES(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        check_supported(self, trainer)
         frozen_params = {n for c in self.frozen for n in self._components.get(c, [c])}
         named = {n: p for n, p in pl_module.named_parameters() if p.requires_grad or n in frozen_params}
         patterns = None if self.targets == "auto" else list(self.targets)

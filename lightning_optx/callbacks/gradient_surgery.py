@@ -25,6 +25,7 @@ from lightning_optx.callbacks._surgery_buffers import (
 )
 from lightning_optx.callbacks._surgery_sync import TaskGradientSync, sync_mode
 from lightning_optx.checkpointing import per_rank_state
+from lightning_optx.compatibility import check_supported
 from lightning_optx.distributed import Communicator
 from lightning_optx.functional import surgery as S
 
@@ -139,6 +140,7 @@ class GradientSurgery(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        check_supported(self, trainer)
         if not pl_module.automatic_optimization:
             raise ValueError("GradientSurgery needs automatic optimization: it replaces the backward pass Lightning "
                              "runs; with manual optimization call `lightning_optx.functional.surgery` yourself.")

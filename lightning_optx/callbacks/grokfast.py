@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_optx.callbacks._per_rank import CallbackRankState, local_gradient_state, per_rank_key
+from lightning_optx.compatibility import check_supported
 from lightning_optx.functional import grokfast as F
 from lightning_optx.functional.common import all_finite, global_norm
 
@@ -108,6 +109,8 @@ class Grokfast(Callback):
     # ------------------------------------------------------------------ hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            check_supported(self, trainer)
         # Before Lightning restores a checkpoint: each rank's own filter then replaces rank 0's (see the class).
         store = local_gradient_state(trainer)
         if store is not None:

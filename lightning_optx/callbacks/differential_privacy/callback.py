@@ -21,6 +21,7 @@ from lightning_optx.callbacks.differential_privacy.budget import PrivacyBudget
 from lightning_optx.callbacks.differential_privacy.opacus_internals import require_internals
 from lightning_optx.callbacks.differential_privacy.optimizer import OptimizerWrapping, complete_per_sample_state
 from lightning_optx.callbacks.differential_privacy.randomness import Randomness
+from lightning_optx.compatibility import check_supported
 from lightning_optx.functional import privacy as P
 
 if TYPE_CHECKING:
@@ -224,6 +225,7 @@ class DifferentialPrivacy(PrivacyBudget, OptimizerWrapping, BackwardPatching, Ca
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        check_supported(self, trainer)
         if self._ended_a_fit and self.steps and getattr(trainer, "ckpt_path", None) is None:
             raise ValueError(
                 f"DifferentialPrivacy: this callback already took {self.steps} DP steps (epsilon={self.epsilon:.4g})"
