@@ -161,11 +161,19 @@ class GradES(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        # resuming into a module whose matrices are already frozen (fitted again in the same script): the
+        # frozen set arrives with this callback's state, after `setup`; `on_fit_start` looks again then (and
+        # raises if there is still nothing to watch, before any step)
+        self._find_targets(pl_module, required=False)
+
+    def _find_targets(self, pl_module: pl.LightningModule, required: bool) -> None:
         frozen_params = {n for c in self.frozen for n in self._components.get(c, [c])}
-        named = {n: p for n, p in pl_module.named_parameters() if p.requires_grad or n in frozen_params}
+        named_all = dict(pl_module.named_parameters())
+        frozen_params |= {n for n in named_all if F.component_of(n) in self.frozen}
+        named = {n: p for n, p in named_all.items() if p.requires_grad or n in frozen_params}
         patterns = None if self.targets == "auto" else list(self.targets)
         names = F.find_targets(named, patterns)
-        if not names:
+        if not names and required:
             sample = ", ".join(list(named)[:8])
             raise ValueError(
                 f"GradES found no target matrix with targets={self.targets!r} among the trainable parameters "
@@ -175,6 +183,9 @@ class GradES(Callback):
         self._components = F.group_components(names)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._params or any(F.component_of(c) not in self._components and c not in self._components
+                                   for c in self.frozen):
+            self._find_targets(pl_module, required=True)  # the restored frozen set names matrices `setup` missed
         planned = planned_rounds(trainer)
         if not math.isfinite(planned):
             raise ValueError("GradES needs a finite training length (max_steps or max_epochs) to place its grace "

@@ -106,11 +106,16 @@ def drop_error_feedback(compressor: Any, names: Iterable[str]) -> None:
     past updates would otherwise be carried, and checkpointed, forever. Shared state (PowerSGD's Q memories)
     is kept.
     """
-    for attr in ERROR_FEEDBACK_STATES:
-        store = getattr(compressor, attr, None)
-        if isinstance(store, dict):
-            for name in names:
-                store.pop(name, None)
+    names = list(names)
+    for store in error_feedback_stores(compressor):
+        for name in names:
+            store.pop(name, None)
+
+
+def error_feedback_stores(compressor: Any) -> list[dict[Any, Tensor]]:
+    """The compressor's per-rank, per-name error-feedback dictionaries."""
+    stores = [getattr(compressor, attr, None) for attr in ERROR_FEEDBACK_STATES]
+    return [store for store in stores if isinstance(store, dict)]
 
 
 def to_cpu(tree: Any) -> Any:

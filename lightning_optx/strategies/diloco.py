@@ -20,6 +20,7 @@ from lightning_optx.strategies._ddp_base import (
     OptxDDPStrategy,
     check_replica_size,
     drop_error_feedback,
+    error_feedback_stores,
     local_ddp_kwargs,
 )
 
@@ -316,9 +317,12 @@ class DiLoCoStrategy(OptxDDPStrategy):
 
     def _release_retired(self, frag: _Fragment) -> None:
         """Drop the error-feedback state of the fragment's parameters that have left the payload."""
-        if self.compressor is not None:
-            drop_error_feedback(self.compressor, [n for n, p in zip(frag.names, frag.params)
-                                                  if not p.requires_grad and n not in frag.synced])
+        if self.compressor is None:
+            return
+        retired = [n for n, p in zip(frag.names, frag.params) if not p.requires_grad and n not in frag.synced]
+        if any(n in store for n in retired for store in error_feedback_stores(self.compressor)):
+            self._finish_pending()  # another fragment's background average may be reading the compressor's state
+            drop_error_feedback(self.compressor, retired)
 
     def _release_frozen(self) -> None:
         pass  # a frozen parameter leaves DiLoCo's payload at its last sync (`_round_indices`), not at once

@@ -3,16 +3,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_optx import CompressedDDPStrategy, DiLoCoStrategy, GradES, LocalSGDStrategy
-from tests.helpers import TrainJob, assert_ranks_identical, check_resume_equivalence, run_job
+from tests.helpers import TrainJob, assert_ranks_identical, assert_tree_equal, check_resume_equivalence, run_job
 from tests.helpers.models import TinyModule
+from tests.helpers.resume import StopAfterEpoch
 
 TRANSFORMER = functools.partial(TinyModule, model="transformer", optimizer="adamw", lr=1e-2, weight_decay=0.1)
 EPOCHS = 4  # 64 samples, batch 8, 2 ranks: 4 steps per epoch, 16 planned; grace 0.3 -> first freezes at 5..7
@@ -192,3 +194,33 @@ def test_local_sgd_with_optimizer_state_averaging_resumes_bit_exact(tmp_path):
                                            world_size=2)
     check_freezes_keep_local_progress(straight)
     assert_ranks_identical(straight)
+
+
+class PreFrozen(TinyModule):
+    """The module of a script that fits, then resumes with the same object: GradES's matrices already frozen."""
+
+    FROZEN: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        super().__init__(model="transformer", optimizer="adamw", lr=1e-2, weight_decay=0.1)
+        for name, p in self.named_parameters():
+            p.requires_grad_(name not in self.FROZEN)
+
+
+def test_diloco_resumes_into_a_module_whose_matrices_are_already_frozen(tmp_path):
+    """The global copies are matched to the checkpoint's parameter names, not to the trainable ones at set-up
+    (which once failed with "The size of tensor a (64) must match the size of tensor b (16)")."""
+    single = TrainJob(module=TRANSFORMER, strategy=DiLoCoStrategy(inner_steps=3), callbacks=[grades()],
+                      trainer_kwargs={"max_epochs": 3})  # 8 steps per epoch; checkpoint at 16, mid-round
+    writer = ModelCheckpoint(dirpath=str(tmp_path), filename="mid", every_n_train_steps=16, save_top_k=1)
+    [first] = run_job(dataclasses.replace(single, callbacks=[grades(), writer, StopAfterEpoch(2)],
+                                          trainer_kwargs={"max_epochs": 3, "enable_checkpointing": True}))
+    frozen = first.callback_states[next(iter(first.callback_states))]["frozen"]
+    assert frozen and max(frozen.values()) <= 16
+    [straight] = run_job(single)
+    PreFrozen.FROZEN = tuple(frozen)
+    try:
+        [resumed] = run_job(dataclasses.replace(single, module=PreFrozen, ckpt_path=str(tmp_path / "mid.ckpt")))
+    finally:
+        PreFrozen.FROZEN = ()
+    assert_tree_equal(straight.params, resumed.params, "parameters after resume")
