@@ -92,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="relative: tau is a fraction (< 1) of each matrix's metric at the first step")
     g.add_argument("--grades-metric", choices=["grad", "weight_delta"], default="grad")
     g.add_argument("--grace-fraction", type=float, default=0.55, help="fraction of planned steps never frozen")
+    g.add_argument("--grades-stop", action=argparse.BooleanOptionalAction, default=True,
+                   help="stop training once every matrix is frozen (--no-grades-stop: run all steps)")
     d = parser.add_argument_group("dropout")
     d.add_argument("--dropout", choices=["none", "early", "late", "standard"], default="standard",
                    help="none: every dropout rate 0; otherwise a DropoutSchedule over every dropout of the model")
@@ -137,7 +139,7 @@ def build_callbacks(args: argparse.Namespace) -> tuple[list[Callback], GradES | 
     grades = None
     if args.grades:
         grades = GradES(tau=args.grades_tau, grace_fraction=args.grace_fraction, metric=args.grades_metric,
-                        tau_mode=args.grades_tau_mode)
+                        tau_mode=args.grades_tau_mode, stop_when_all_frozen=args.grades_stop)
         callbacks.append(grades)
     if args.dropout != "none":
         cutoff = args.dropout_cutoff if args.dropout_cutoff is not None else (0.5 if args.dropout == "late" else 0.2)
@@ -203,6 +205,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"val_acc: {float(metrics.get('val_acc', float('nan'))):.4f}")
         print(f"val_loss: {float(metrics.get('val_loss', float('nan'))):.4f}")
         print(f"wall_clock_s: {wall:.1f}")
+        ledger = getattr(getattr(trainer.strategy, "comm", None), "ledger", None)
+        if ledger is not None:  # our strategies record every collective
+            print(f"comm_bytes_total: {ledger.total_bytes} (wire: {ledger.total_wire_bytes})")
         if grades is not None:
             sizes = {n: p.numel() for n, p in module.named_parameters() if n in grades.target_names}
             frozen_numel, total_numel = sum(sizes[n] for n in grades.frozen), sum(sizes.values())

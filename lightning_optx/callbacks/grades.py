@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 
 from lightning_optx.callbacks._steps import holds_compiled_module, planned_rounds, rounds_after_batch
 from lightning_optx.compatibility import check_supported
+from lightning_optx.distributed import Communicator
 from lightning_optx.functional import grades as F
 
 MetricName = Literal["grad", "weight_delta"]
@@ -40,7 +41,9 @@ class GradES(Callback):
     gradients hold inf/NaN (the fp16 grad scaler skips it) is neither measured nor counted
     (``skipped_steps``), and neither is a component whose gradient is ``None`` (a branch not reached yet).
     Under DDP the wrapper is rebuilt after a freeze so that its reducer stops waiting for the frozen
-    gradients (plain ``find_unused_parameters=False`` DDP would fail otherwise).
+    gradients (plain ``find_unused_parameters=False`` DDP would fail otherwise), without DDP's initial
+    broadcast, so under Local SGD / DiLoCo every rank keeps its local progress. Our strategies then stop
+    sending frozen matrices (after one last average under Local SGD / DiLoCo, see ``docs/methods/grades.md``).
 
     Relative mode: each component's reference is the largest finite metric it showed during the grace period
     (or, for a component first reached later, its first non-zero one). The maximum, not the first value, so
@@ -160,11 +163,19 @@ class GradES(Callback):
         if stage != "fit":
             return
         check_supported(self, trainer)
+        # resuming into a module whose matrices are already frozen (fitted again in the same script): the
+        # frozen set arrives with this callback's state, after `setup`; `on_fit_start` looks again then (and
+        # raises if there is still nothing to watch, before any step)
+        self._find_targets(pl_module, required=False)
+
+    def _find_targets(self, pl_module: pl.LightningModule, required: bool) -> None:
         frozen_params = {n for c in self.frozen for n in self._components.get(c, [c])}
-        named = {n: p for n, p in pl_module.named_parameters() if p.requires_grad or n in frozen_params}
+        named_all = dict(pl_module.named_parameters())
+        frozen_params |= {n for n in named_all if F.component_of(n) in self.frozen}
+        named = {n: p for n, p in named_all.items() if p.requires_grad or n in frozen_params}
         patterns = None if self.targets == "auto" else list(self.targets)
         names = F.find_targets(named, patterns)
-        if not names:
+        if not names and required:
             sample = ", ".join(list(named)[:8])
             raise ValueError(
                 f"GradES found no target matrix with targets={self.targets!r} among the trainable parameters "
@@ -174,6 +185,9 @@ class GradES(Callback):
         self._components = F.group_components(names)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._params or any(F.component_of(c) not in self._components and c not in self._components
+                                   for c in self.frozen):
+            self._find_targets(pl_module, required=True)  # the restored frozen set names matrices `setup` missed
         planned = planned_rounds(trainer)
         if not math.isfinite(planned):
             raise ValueError("GradES needs a finite training length (max_steps or max_epochs) to place its grace "
@@ -284,7 +298,7 @@ class GradES(Callback):
         zero = torch.zeros((), dtype=torch.float32, device=device)
         flags = torch.tensor([c in by_name for c in names], dtype=torch.float32, device=device)
         local = torch.cat([torch.stack([by_name.get(c, zero).to(device) for c in names]), flags])
-        reduced = trainer.strategy.reduce(local, reduce_op="mean").float().cpu()
+        reduced = _mean_across_ranks(trainer.strategy, local).float().cpu()
         valid = reduced[len(names):] > 1.0 - 1e-6
         metrics = reduced[:len(names)]
         return metrics, valid & torch.isfinite(metrics)
@@ -354,6 +368,20 @@ class GradES(Callback):
             self._prepare_restored_state(self._restoring_into)
 
 
+def _mean_across_ranks(strategy: Any, tensor: Tensor) -> Tensor:
+    """The mean over every rank, through our strategies' ledger (tag ``"control"``) when they are used.
+
+    Under Local SGD / DiLoCo each rank measures its own gradients; the decision is taken from the mean of
+    every rank's metric, identical on every rank, so all ranks freeze the same matrices at the same step.
+    """
+    comm = getattr(strategy, "world_comm", None)
+    if isinstance(comm, Communicator):
+        if comm.active:
+            comm.all_reduce_(tensor, op="mean", tag="control")
+        return tensor
+    return strategy.reduce(tensor, reduce_op="mean")
+
+
 def _remove_from_optimizers(optimizers: list[Optimizer], params: list[Parameter]) -> None:
     ids = {id(p) for p in params}
     for opt in optimizers:
@@ -366,6 +394,11 @@ def _remove_from_optimizers(optimizers: list[Optimizer], params: list[Parameter]
 def _rewrap_ddp(strategy: Any) -> None:
     """Rebuild DDP's wrapper so its reducer only waits for parameters that still require a gradient.
 
+    The new wrapper is built with ``init_sync=False``: DDP's constructor would otherwise broadcast rank 0's
+    parameters and buffers, which under Local SGD / DiLoCo replaces every rank's local progress since the
+    last sync (and under plain DDP is a wasted broadcast of identical weights). The wrapper keeps the
+    strategy's DDP options (its ``process_group`` inside node replicas) and comm hook.
+
     Uses Lightning's private ``DDPStrategy._setup_model`` and ``_register_ddp_hooks`` (the same calls its own
     ``configure_ddp`` makes); ``tests/callbacks/test_grades.py::test_ddp_freeze_mid_run`` fails if they change.
     """
@@ -374,5 +407,10 @@ def _rewrap_ddp(strategy: Any) -> None:
     module = strategy.lightning_module
     if module is None or not any(p.requires_grad for p in module.parameters()):
         return
-    strategy.model = strategy._setup_model(module)
+    kwargs = strategy._ddp_kwargs
+    strategy._ddp_kwargs = {**kwargs, "init_sync": False}
+    try:
+        strategy.model = strategy._setup_model(module)
+    finally:
+        strategy._ddp_kwargs = kwargs
     strategy._register_ddp_hooks()

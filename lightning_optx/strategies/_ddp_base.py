@@ -96,6 +96,28 @@ def local_ddp_kwargs(kwargs: dict[str, Any], owner: str) -> dict[str, Any]:
     return {**kwargs, "broadcast_buffers": False}
 
 
+ERROR_FEEDBACK_STATES = ("residuals", "velocities", "server_residuals")  # per-rank, per-name compressor state
+
+
+def drop_error_feedback(compressor: Any, names: Iterable[str]) -> None:
+    """Forget a compressor's per-rank error-feedback state (residuals, top-k velocities) of ``names``.
+
+    For parameters that left the payload for good (frozen by GradES): what compression dropped from their
+    past updates would otherwise be carried, and checkpointed, forever. Shared state (PowerSGD's Q memories)
+    is kept.
+    """
+    names = list(names)
+    for store in error_feedback_stores(compressor):
+        for name in names:
+            store.pop(name, None)
+
+
+def error_feedback_stores(compressor: Any) -> list[dict[Any, Tensor]]:
+    """The compressor's per-rank, per-name error-feedback dictionaries."""
+    stores = [getattr(compressor, attr, None) for attr in ERROR_FEEDBACK_STATES]
+    return [store for store in stores if isinstance(store, dict)]
+
+
 def to_cpu(tree: Any) -> Any:
     """A deep copy of a nested state with every tensor moved to the CPU (for pickling across ranks)."""
     if isinstance(tree, Tensor):
@@ -260,6 +282,16 @@ class OptxDDPStrategy(DDPStrategy):
     def _after_optimizer_step(self) -> None:
         """Runs on every rank after each optimizer step (synchronisation decisions live here)."""
 
+    def _release_frozen(self) -> None:
+        """Drop the error-feedback state of frozen parameters: gradient compression sends trainable ones only.
+
+        DiLoCo overrides this (a frozen matrix still holds local progress until its last outer step).
+        """
+        compressor = getattr(self, "compressor", None)
+        if compressor is not None and self.lightning_module is not None:
+            drop_error_feedback(compressor, [n for n, p in self.lightning_module.named_parameters()
+                                             if not p.requires_grad])
+
     def _shared_state(self) -> dict[str, Any]:
         return {}
 
@@ -289,6 +321,7 @@ class OptxDDPStrategy(DDPStrategy):
         self.optimizer_steps += 1
         with self._collective_scope():
             self._after_optimizer_step()
+        self._release_frozen()
         self._update_hook()
         self._log_communication()
         return output

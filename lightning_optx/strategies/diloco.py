@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -16,7 +16,13 @@ from torch.nn import Parameter
 from lightning_optx.compression import COMPRESSORS, Compressor, get_compressor
 from lightning_optx.distributed import CommLedger, Communicator, all_reduce_mean_coalesced_, strict_collectives
 from lightning_optx.functional import diloco as D
-from lightning_optx.strategies._ddp_base import OptxDDPStrategy, check_replica_size, local_ddp_kwargs
+from lightning_optx.strategies._ddp_base import (
+    OptxDDPStrategy,
+    check_replica_size,
+    drop_error_feedback,
+    error_feedback_stores,
+    local_ddp_kwargs,
+)
 
 VALIDATE_ON = ("local", "consensus")
 
@@ -35,6 +41,7 @@ class _Pending:
     """
 
     views: list[Tensor]
+    indices: list[int]  # the fragment's parameters these averages belong to
     flat: Tensor | None = None
     work: Any = None
     future: Future[Any] | None = None
@@ -67,6 +74,7 @@ class _Fragment:
     next_sync: int
     start: list[Tensor] | None = None  # overlap: where this rank's current round started
     pending: _Pending | None = None
+    synced: set[str] = field(default_factory=set)  # parameters trainable at the last sync (see `_round_indices`)
 
 
 class DiLoCoStrategy(OptxDDPStrategy):
@@ -101,6 +109,11 @@ class DiLoCoStrategy(OptxDDPStrategy):
     second copy of the model (with ``adaptive_compression`` the whole fragment's pseudo-gradient is built,
     since the compression error is measured over it). With overlap it also holds, per fragment, the round's
     start point (one copy of the fragment in the parameters' dtype) and the in-flight fp32 average.
+
+    **Frozen parameters** (``requires_grad`` switched off mid-run, e.g. by GradES): the next sync sends their
+    pseudo-gradient one last time and applies it as a plain average (no outer learning rate or momentum);
+    then their outer momentum is dropped, their global copy equals their value on every rank and they leave
+    the payload and the outer step.
 
     **Buffers** (BatchNorm statistics) are averaged across ranks at every sync (``average_buffers``, fp32,
     uncompressed, tag ``"buffers"``); DDP's ``broadcast_buffers`` is off.
@@ -219,9 +232,18 @@ class DiLoCoStrategy(OptxDDPStrategy):
                     self._overlap_comm = Communicator(group, ledger=self.comm.ledger, overlapped=True,
                                                       link=self.comm.link, device=self.root_device)
 
-    def _build_fragments(self) -> None:
-        named = list(self._named_trainable_params())
-        groups = D.split_fragments([p.numel() for _, p in named], self.fragments)
+    def _build_fragments(self, names: list[list[str]] | None = None) -> None:
+        """One fragment per group of trainable parameters; ``names``: the groups a checkpoint was written with."""
+        if names is None:
+            named = list(self._named_trainable_params())
+            groups = D.split_fragments([p.numel() for _, p in named], self.fragments)
+        else:
+            assert self.lightning_module is not None
+            by_name = dict(self.lightning_module.named_parameters())
+            named = [(n, by_name[n]) for group in names for n in group]
+            sizes = [len(group) for group in names]
+            groups = [list(range(sum(sizes[:f]), sum(sizes[:f + 1]))) for f in range(len(sizes))]
+        self._fragments = []
         pin = any(p.is_cuda for _, p in named)
         for f, indices in enumerate(groups):
             params = [named[i][1] for i in indices]
@@ -232,6 +254,7 @@ class DiLoCoStrategy(OptxDDPStrategy):
                 names=[named[i][0] for i in indices], params=params, global_params=global_params, outer=outer,
                 next_sync=D.first_sync_step(f, self.inner_steps, self.fragments),
                 start=[p.detach().clone() for p in params] if self.overlap else None,
+                synced={named[i][0] for i in indices},
             ))
 
     def _hook_allreduces(self) -> bool:
@@ -269,53 +292,99 @@ class DiLoCoStrategy(OptxDDPStrategy):
             if self.overlap:
                 self._sync_overlapped(frag, index)
             elif self.adaptive_compression:  # the adaptation measures the error over the whole fragment
-                delta = [g.to(p.device) - p.float() for g, p in zip(frag.global_params, frag.params)]
-                averaged = self._average(delta, frag, self.comm)
-                self._outer_step(frag, averaged)
+                indices = self._round_indices(frag)
+                if indices:
+                    delta = [frag.global_params[i].to(frag.params[i].device) - frag.params[i].float() for i in indices]
+                    self._outer_update(frag, indices, self._average(delta, [frag.names[i] for i in indices],
+                                                                    self.comm))
                 for p, g in zip(frag.params, frag.global_params):
                     p.copy_(g.to(p.device, p.dtype))
+                self._release_retired(frag)
             else:
                 self._bucketed_outer_step(frag)
 
+    def _round_indices(self, frag: _Fragment) -> list[int]:
+        """The fragment's parameters this sync sends: the trainable ones, and those frozen since the last sync.
+
+        A parameter frozen during a round (``requires_grad`` switched off, e.g. by GradES) still holds each rank's
+        progress of that round: it is sent one last time and applied as a plain average (no outer optimizer,
+        its momentum dropped, see :meth:`_outer_update`); after that every rank and the global copy hold the
+        same value and it leaves the payload and the outer step. Records the trainable set for the next sync.
+        """
+        indices = [i for i, (n, p) in enumerate(zip(frag.names, frag.params)) if p.requires_grad or n in frag.synced]
+        frag.synced = {n for n, p in zip(frag.names, frag.params) if p.requires_grad}
+        return indices
+
+    def _release_retired(self, frag: _Fragment) -> None:
+        """Drop the error-feedback state of the fragment's parameters that have left the payload."""
+        if self.compressor is None:
+            return
+        retired = [n for n, p in zip(frag.names, frag.params) if not p.requires_grad and n not in frag.synced]
+        if any(n in store for n in retired for store in error_feedback_stores(self.compressor)):
+            self._finish_pending()  # another fragment's background average may be reading the compressor's state
+            drop_error_feedback(self.compressor, retired)
+
+    def _release_frozen(self) -> None:
+        pass  # a frozen parameter leaves DiLoCo's payload at its last sync (`_round_indices`), not at once
+
     def _bucketed_outer_step(self, frag: _Fragment) -> None:
-        """Average and apply the pseudo-gradients bucket by bucket (``outer_bucket_bytes`` of fp32 at a time)."""
+        """Average and apply the pseudo-gradients bucket by bucket (``outer_bucket_bytes`` of fp32 at a time).
 
-        def average_(flat: Tensor, views: list[Tensor], indices: list[int]) -> None:
-            if self.compressor is None:
-                self.comm.all_reduce_(flat, op="mean", tag="pseudo_grad")
-            else:
-                self.compressor.reduce_(views, [frag.names[i] for i in indices], self.comm, tag="pseudo_grad")
+        Trainable parameters take the outer optimizer's step; parameters frozen since the last sync a plain
+        average (an outer SGD step with learning rate 1 and no momentum), after which their momentum is dropped.
+        """
+        indices = self._round_indices(frag)
+        live = [i for i in indices if frag.params[i].requires_grad]
+        retiring = [i for i in indices if not frag.params[i].requires_grad]
+        for subset in (live, retiring):
+            if not subset:
+                continue
+            names = [frag.names[i] for i in subset]
+            globals_ = [frag.global_params[i] for i in subset]
+            outer = frag.outer if subset is live else torch.optim.SGD(globals_, lr=1.0)
 
-        D.bucketed_outer_step_(frag.params, frag.global_params, frag.outer, average_, self.outer_bucket_bytes)
+            def average_(flat: Tensor, views: list[Tensor], positions: list[int], names: list[str] = names) -> None:
+                if self.compressor is None:
+                    self.comm.all_reduce_(flat, op="mean", tag="pseudo_grad")
+                else:
+                    self.compressor.reduce_(views, [names[i] for i in positions], self.comm, tag="pseudo_grad")
+
+            D.bucketed_outer_step_([frag.params[i] for i in subset], globals_, outer, average_,
+                                   self.outer_bucket_bytes)
+        for i in retiring:
+            frag.outer.state.pop(frag.global_params[i], None)
         if self.compressor is not None:
             self.compressor.end_iteration()
+        self._release_retired(frag)
 
     def _sync_overlapped(self, frag: _Fragment, index: int) -> None:
         assert frag.start is not None
         progress = D.pseudo_gradients(frag.start, frag.params)
         if frag.pending is not None:
-            self._outer_step(frag, frag.pending.wait())
+            self._outer_update(frag, frag.pending.indices, frag.pending.wait())
             frag.pending = None
-        frag.pending = self._start_average([d.clone() for d in progress], frag)
+        self._release_retired(frag)  # the last average that used their residuals has just been waited for
+        indices = self._round_indices(frag)
+        frag.pending = self._start_average([progress[i].clone() for i in indices], frag, indices) if indices else None
         for p, g, d, s in zip(frag.params, frag.global_params, progress, frag.start):
             p.copy_((g.to(p.device) - d).to(p.dtype))
             s.copy_(p)
 
-    def _average(self, tensors: list[Tensor], frag: _Fragment, comm: Communicator) -> list[Tensor]:
+    def _average(self, tensors: list[Tensor], names: list[str], comm: Communicator) -> list[Tensor]:
         if self.compressor is None:
             all_reduce_mean_coalesced_(tensors, comm, tag="pseudo_grad")
             return tensors
         inputs = [t.clone() for t in tensors] if self.adaptive_compression else None
         residuals_before = {n: r.clone() for n, r in self.compressor.residuals.items()} if inputs else {}
-        self.compressor.reduce_(tensors, frag.names, comm, tag="pseudo_grad")
+        self.compressor.reduce_(tensors, names, comm, tag="pseudo_grad")
         self.compressor.end_iteration()
         if inputs is not None:
-            compensated = [i + residuals_before.get(n, torch.zeros_like(i)) for i, n in zip(inputs, frag.names)]
-            residuals = [self.compressor.residuals.get(n, torch.zeros_like(i)) for i, n in zip(inputs, frag.names)]
+            compensated = [i + residuals_before.get(n, torch.zeros_like(i)) for i, n in zip(inputs, names)]
+            residuals = [self.compressor.residuals.get(n, torch.zeros_like(i)) for i, n in zip(inputs, names)]
             self._adapt([c - r for c, r in zip(compensated, residuals)], compensated, comm)
         return tensors
 
-    def _start_average(self, tensors: list[Tensor], frag: _Fragment) -> _Pending:
+    def _start_average(self, tensors: list[Tensor], frag: _Fragment, indices: list[int]) -> _Pending:
         comm = self._overlap_comm or self.comm
         comm.step = self.optimizer_steps
         if self.compressor is None:
@@ -323,7 +392,7 @@ class DiLoCoStrategy(OptxDDPStrategy):
             views = list(torch.split(flat, [t.numel() for t in tensors]))
             views = [v.view_as(t) for v, t in zip(views, tensors)]
             work = comm.all_reduce_async(flat, tag="pseudo_grad") if comm.active else None
-            return _Pending(views, flat=flat, work=work, world=comm.world_size)
+            return _Pending(views, indices, flat=flat, work=work, world=comm.world_size)
         if self._executor is None:
             # One worker: background averages (of several fragments) run in submission order, the same on
             # every rank, so their collectives never interleave.
@@ -333,16 +402,24 @@ class DiLoCoStrategy(OptxDDPStrategy):
         worker_comm = Communicator(comm.group, ledger=records, overlapped=True, link=comm.link, device=comm.device,
                                    check_devices=comm.check_devices)
         worker_comm.step = comm.step
-        return _Pending(tensors, future=self._executor.submit(self._average_in_background, tensors, frag, worker_comm),
-                        records=records, ledger=comm.ledger)
+        names = [frag.names[i] for i in indices]
+        future = self._executor.submit(self._average_in_background, tensors, names, worker_comm)
+        return _Pending(tensors, indices, future=future, records=records, ledger=comm.ledger)
 
-    def _average_in_background(self, tensors: list[Tensor], frag: _Fragment, comm: Communicator) -> list[Tensor]:
+    def _average_in_background(self, tensors: list[Tensor], names: list[str], comm: Communicator) -> list[Tensor]:
         with strict_collectives(comm.check_devices), torch.no_grad():  # thread-local: set again in the worker
-            return self._average(tensors, frag, comm)
+            return self._average(tensors, names, comm)
 
-    def _outer_step(self, frag: _Fragment, averaged: list[Tensor]) -> None:
-        for g, d in zip(frag.global_params, averaged):
-            g.grad = d.detach().to(g.device, torch.float32)
+    def _outer_update(self, frag: _Fragment, indices: list[int], averaged: list[Tensor]) -> None:
+        """Apply averaged pseudo-gradients: the outer optimizer's step for trainable parameters, a plain average
+        (``global -= delta``) for frozen ones, whose outer momentum is dropped."""
+        for i, d in zip(indices, averaged):
+            g = frag.global_params[i]
+            if frag.params[i].requires_grad:
+                g.grad = d.detach().to(g.device, torch.float32)
+            else:
+                g.sub_(d.detach().to(g.device, torch.float32))
+                frag.outer.state.pop(g, None)
         frag.outer.step()
         frag.outer.zero_grad(set_to_none=True)
 
@@ -387,7 +464,7 @@ class DiLoCoStrategy(OptxDDPStrategy):
     def _final_sync_fragment(self, frag: _Fragment) -> None:
         round_start = max(0, frag.next_sync - self.inner_steps)  # the step this fragment's round began at
         if frag.pending is not None:
-            self._outer_step(frag, frag.pending.wait())
+            self._outer_update(frag, frag.pending.indices, frag.pending.wait())
             frag.pending = None
         if self.optimizer_steps > round_start:
             self.rounds += 1
@@ -397,7 +474,11 @@ class DiLoCoStrategy(OptxDDPStrategy):
             else:
                 origin = frag.start if frag.start is not None else [g.to(p.device) for g, p in
                                                                     zip(frag.global_params, frag.params)]
-                self._outer_step(frag, self._average(D.pseudo_gradients(origin, frag.params), frag, self.comm))
+                indices = self._round_indices(frag)
+                if indices:
+                    progress = D.pseudo_gradients([origin[i] for i in indices], [frag.params[i] for i in indices])
+                    self._outer_update(frag, indices, self._average(progress, [frag.names[i] for i in indices],
+                                                                    self.comm))
         for p, g in zip(frag.params, frag.global_params):
             p.copy_(g.to(p.device, p.dtype))
         if frag.start is not None:
@@ -437,7 +518,7 @@ class DiLoCoStrategy(OptxDDPStrategy):
     def _finish_pending(self) -> None:
         for frag in self._fragments:
             if frag.pending is not None:
-                frag.pending = _Pending(frag.pending.wait())
+                frag.pending = _Pending(frag.pending.wait(), frag.pending.indices)
 
     def _shared_state(self) -> dict[str, Any]:
         self._finish_pending()
@@ -445,8 +526,11 @@ class DiLoCoStrategy(OptxDDPStrategy):
             "rounds": self.rounds,
             "level": self.compressor_level,
             "fragments": [
-                {"global": frag.global_params, "outer": frag.outer.state_dict(), "next_sync": frag.next_sync,
-                 "pending": frag.pending.wait() if frag.pending is not None else None}
+                {"names": list(frag.names), "global": frag.global_params, "outer": frag.outer.state_dict(),
+                 "next_sync": frag.next_sync,
+                 "pending": frag.pending.wait() if frag.pending is not None else None,
+                 "pending_indices": frag.pending.indices if frag.pending is not None else None,
+                 "synced": sorted(frag.synced)}
                 for frag in self._fragments
             ],
         }
@@ -455,6 +539,12 @@ class DiLoCoStrategy(OptxDDPStrategy):
         if len(state["fragments"]) != len(self._fragments):
             raise ValueError(f"DiLoCoStrategy: the checkpoint has {len(state['fragments'])} fragments, this run "
                              f"{len(self._fragments)}; resume with the same `fragments`.")
+        saved_names = [saved.get("names") for saved in state["fragments"]]
+        if all(saved_names) and saved_names != [frag.names for frag in self._fragments]:
+            # the parameters trainable at set-up differ from the run that wrote the checkpoint (a module whose
+            # matrices GradES froze, fitted again): the checkpoint's groups are the ones its state belongs to
+            self._check_known(saved_names)
+            self._build_fragments(saved_names)
         self.rounds = int(state["rounds"])
         if self.compressor is not None:
             self.compressor_level = float(state["level"])
@@ -463,7 +553,20 @@ class DiLoCoStrategy(OptxDDPStrategy):
                 g.copy_(s)
             frag.outer.load_state_dict(saved["outer"])
             frag.next_sync = int(saved["next_sync"])
-            frag.pending = _Pending([t.clone() for t in saved["pending"]]) if saved["pending"] is not None else None
+            if "synced" in saved:  # older checkpoints: every parameter of the fragment trainable
+                frag.synced = set(saved["synced"])
+            frag.pending = None
+            if saved["pending"] is not None:
+                indices = saved.get("pending_indices") or list(range(len(frag.params)))
+                frag.pending = _Pending([t.clone() for t in saved["pending"]], list(indices))
+
+    def _check_known(self, groups: list[list[str]]) -> None:
+        assert self.lightning_module is not None
+        known = dict(self.lightning_module.named_parameters())
+        unknown = [n for group in groups for n in group if n not in known]
+        if unknown:
+            raise ValueError(f"DiLoCoStrategy: the checkpoint holds global parameters {unknown[:5]} that this module "
+                             "does not have; resume with the module that wrote it.")
 
     def _rank_state(self) -> dict[str, Any]:
         assert self.lightning_module is not None

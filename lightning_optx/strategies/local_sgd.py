@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
+from torch.nn import Parameter
 
 from lightning_optx.distributed import Communicator, all_reduce_mean_coalesced_
 from lightning_optx.functional.local_sgd import check_period_args, qsr_period
@@ -39,6 +40,10 @@ class LocalSGDStrategy(OptxDDPStrategy):
     ``validate_on="consensus"`` averages the parameters (and buffers) for the validation run, one extra
     all-reduce per validation (tag ``"consensus"``) unless the ranks are in step, then restores the local
     replica. ``Trainer.validate/test/predict`` outside fit evaluate the module as it is.
+
+    **Frozen parameters** (``requires_grad`` switched off mid-run, e.g. by GradES) are averaged once more at
+    the next sync (each rank's copy still holds its own progress), then leave the averaging; parameters
+    frozen from the start are never sent.
 
     DDP's ``broadcast_buffers`` is off: buffers are averaged at the syncs (``average_buffers``), never
     broadcast from rank 0 before every forward.
@@ -95,6 +100,7 @@ class LocalSGDStrategy(OptxDDPStrategy):
         self.last_sync_step = warmup_steps
         self.sync_steps: list[int] = []
         self.final_sync_step: int | None = None
+        self._synced_names: set[str] = set()  # parameters the last sync averaged (see `_sync_entries`)
 
     def _check_supported(self, trainer: pl.Trainer) -> None:
         if len(self.optimizers) != 1:
@@ -102,6 +108,12 @@ class LocalSGDStrategy(OptxDDPStrategy):
                 f"LocalSGDStrategy supports exactly one optimizer, got {len(self.optimizers)}: the averaging "
                 "schedule counts optimizer steps, which several optimizers would advance at different rates."
             )
+
+    def _build_state(self) -> None:
+        self._synced_names = self._trainable_names()
+
+    def _trainable_names(self) -> set[str]:
+        return {n for n, _ in self._named_trainable_params()}
 
     @property
     def in_warmup(self) -> bool:
@@ -116,6 +128,7 @@ class LocalSGDStrategy(OptxDDPStrategy):
     def _after_optimizer_step(self) -> None:
         if self.optimizer_steps <= self.warmup_steps:
             self.last_sync_step = self.optimizer_steps
+            self._synced_names = self._trainable_names()  # gradients averaged: the ranks are in step
             return
         if self.optimizer_steps - self.last_sync_step < self.current_period:
             return
@@ -126,9 +139,20 @@ class LocalSGDStrategy(OptxDDPStrategy):
             lr = float(self.optimizers[0].param_groups[0]["lr"])
             self.current_period = qsr_period(lr, self.qsr_alpha, self.min_period)
 
-    def _param_entries(self) -> list[tuple[str, Tensor]]:
+    def _sync_entries(self, retire: bool) -> list[tuple[str, Parameter]]:
+        """The parameters a sync averages: the trainable ones, and those frozen since the last sync.
+
+        A parameter frozen between two syncs (``requires_grad`` switched off, e.g. by GradES) still holds each
+        rank's own progress: the next sync averages it one last time, after which every rank holds the same
+        value and it leaves the averaging (``retire=True`` records that). Parameters frozen from the start are
+        identical on every rank (DDP's wrap) and never sent.
+        """
         assert self.lightning_module is not None
-        return [(n, p.data) for n, p in self.lightning_module.named_parameters()]
+        last = self._synced_names
+        entries = [(n, p) for n, p in self.lightning_module.named_parameters() if p.requires_grad or n in last]
+        if retire:
+            self._synced_names = self._trainable_names()
+        return entries
 
     def _buffer_entries(self) -> list[tuple[str, Tensor]]:
         assert self.lightning_module is not None
@@ -137,9 +161,10 @@ class LocalSGDStrategy(OptxDDPStrategy):
         return [(n, b) for n, b in self.lightning_module.named_buffers() if b.is_floating_point()]
 
     def _average(self) -> None:
-        tensors = [t for _, t in self._param_entries()]
+        params = [p for _, p in self._sync_entries(retire=True)]
+        tensors = [p.data for p in params]
         if self.average_optimizer_state:
-            tensors += _floating_optimizer_state(self.optimizers[0])
+            tensors += _floating_optimizer_state(self.optimizers[0], {id(p) for p in params})
         self._average_across_replicas(tensors, [t for _, t in self._buffer_entries()], tag="params")
 
     def _average_across_replicas(self, same_in_replica: list[Tensor], buffers: list[Tensor], tag: str) -> None:
@@ -166,9 +191,9 @@ class LocalSGDStrategy(OptxDDPStrategy):
     def _swap_in_consensus(self) -> None:
         if self._ranks_in_step:
             return
-        params, buffers = self._param_entries(), self._buffer_entries()
+        params, buffers = self._sync_entries(retire=False), self._buffer_entries()
         self._keep_local([n for n, _ in params + buffers])
-        self._average_across_replicas([t for _, t in params], [t for _, t in buffers], tag="consensus")
+        self._average_across_replicas([p.data for _, p in params], [t for _, t in buffers], tag="consensus")
 
     def _extra_metrics(self) -> dict[str, float]:
         return {"local_sgd/period": float(self.current_period)}
@@ -180,12 +205,15 @@ class LocalSGDStrategy(OptxDDPStrategy):
             "current_period": self.current_period,
             "last_sync_step": self.last_sync_step,
             "sync_steps": list(self.sync_steps),
+            "synced_names": sorted(self._synced_names),
         }
 
     def _load_shared_state(self, state: dict[str, Any]) -> None:
         self.current_period = int(state["current_period"])
         self.last_sync_step = int(state["last_sync_step"])
         self.sync_steps = list(state["sync_steps"])
+        if "synced_names" in state:  # older checkpoints: every parameter trainable at set-up
+            self._synced_names = set(state["synced_names"])
 
     def _rank_state(self) -> dict[str, Any]:
         assert self.lightning_module is not None
@@ -195,11 +223,14 @@ class LocalSGDStrategy(OptxDDPStrategy):
         }
 
 
-def _floating_optimizer_state(optimizer: torch.optim.Optimizer) -> list[Tensor]:
-    """The optimizer's floating-point state tensors (moments), in a fixed order; step counters excluded."""
+def _floating_optimizer_state(optimizer: torch.optim.Optimizer, param_ids: set[int]) -> list[Tensor]:
+    """The floating-point state tensors (moments) of the parameters whose ``id`` is in ``param_ids``, in a fixed
+    order; step counters excluded."""
     out: list[Tensor] = []
     for group in optimizer.param_groups:
         for p in group["params"]:
+            if id(p) not in param_ids:
+                continue
             for key in sorted(optimizer.state.get(p, {})):
                 value = optimizer.state[p][key]
                 if isinstance(value, Tensor) and value.is_floating_point() and key != "step" and value.dim() > 0:
