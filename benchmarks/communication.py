@@ -51,6 +51,13 @@ Run::
     python benchmarks/communication.py --quick      # a few dozen steps of a tiny model (~3 min on 2 cores)
     nohup python benchmarks/communication.py > benchmarks/results/communication_full.log 2>&1 &   # the figure
     python benchmarks/communication.py --strategies ddp,local_sgd     # a subset (ddp is the reference)
+    nohup nice -n 5 python benchmarks/communication.py --long > benchmarks/results/communication_long.log 2>&1 &
+    python benchmarks/communication.py --long --replot   # statistics and plot again from the saved JSON
+
+``--long`` trains a smaller model (:data:`LONG`, chosen by timing; see :data:`LONG_SEARCH`) for 1,536 steps
+with seeds 0, 1, 2 and :data:`LONG_STRATEGIES`, and writes ``communication_long.json`` (after every fit) and
+``.png``: per strategy, each seed's final validation loss over DDP's of the same seed, their mean, standard
+deviation, min and max, bytes per step, and its target met or missed by how much.
 
 Prints ``name: value`` lines, writes ``benchmarks/results/communication.json`` (``communication_quick.json``
 with ``--quick``; ``..._custom`` with ``--steps`` or ``--strategies``) and ``benchmarks/results/communication.png``
@@ -583,6 +590,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--long", action="store_true",
                         help=f"{LONG['steps']} steps x seeds {','.join(map(str, LONG_SEEDS))} of a smaller model: "
                              "mean and spread of the loss ratios vs DDP")
+    parser.add_argument("--replot", action="store_true",
+                        help="with --long: statistics and plot again from the saved JSON (e.g. of a cut-short run)")
     parser.add_argument("--strategies", default=None,
                         help=f"comma-separated subset of {','.join(s.name for s in STRATEGIES)} (default: all)")
     parser.add_argument("--steps", type=int, default=None, help="override the number of optimizer steps")
@@ -691,6 +700,20 @@ def plot_long(per_seed: dict[int, dict[str, dict[str, Any]]], stats: dict[str, d
     plt.close(fig)
 
 
+def replot_long(path: Path) -> None:
+    """Statistics, their lines and the plot again from a ``--long`` JSON (complete or cut short)."""
+    payload = json.loads(path.read_text())
+    per_seed = {int(seed): res for seed, res in payload["results"].items()}
+    cfg = payload["config"]
+    payload["statistics"] = stats = seed_statistics(per_seed)
+    path.write_text(json.dumps(payload, indent=1))
+    print_seed_statistics(stats)
+    title = (f"{cfg['d_model']}-wide, {cfg['n_layers']}-layer char GPT, {cfg['steps']} steps, 2 CPU ranks, "
+             f"seeds {','.join(map(str, sorted(per_seed)))}" + ("" if payload["complete"] else " (cut short)"))
+    plot_long(per_seed, stats, path.with_suffix(".png"), title)
+    print(f"png: {path.with_suffix('.png')}")
+
+
 def main_long(args: argparse.Namespace, cfg: dict[str, Any], specs: list[Spec]) -> None:
     """Every spec for every seed, seed-major (a cut-short run holds whole seeds), the JSON saved after each fit."""
     stem = "communication_long" + ("_custom" if args.steps is not None or args.strategies else "")
@@ -741,6 +764,11 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_for(args)
     specs = selected_specs(args)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        if not args.long:
+            raise SystemExit("--replot needs --long")
+        replot_long(RESULTS / "communication_long.json")
+        return
     if args.long:
         print("mode: long")
         for key, value in cfg.items():
