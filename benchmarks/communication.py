@@ -693,7 +693,8 @@ def plot_long(per_seed: dict[int, dict[str, dict[str, Any]]], stats: dict[str, d
                           textcoords="offset points", ha="center")
     ax_ratio.set_xticks(range(len(names)), names, rotation=30)
     ax_ratio.set(ylabel=f"final val loss / {REFERENCE}'s (same seed)",
-                 title="mean +- std over seeds (dots: seeds), dashes: target; labels: x fewer bytes than DDP")
+                 title="final val loss ratio: mean +- std over seeds (dots: seeds)\n"
+                       "dashes: target; labels: x fewer bytes than DDP")
     ax_ratio.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
