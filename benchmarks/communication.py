@@ -102,7 +102,7 @@ from lightning.pytorch.strategies import Strategy, StrategyRegistry  # noqa: E40
 
 from lightning_optx import planning  # noqa: E402
 from lightning_optx.compression import get_compressor  # noqa: E402
-from lightning_optx.distributed import CollectiveRecord  # noqa: E402
+from lightning_optx.distributed import CollectiveRecord, wire_bytes  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 WORLD_SIZE = 2
@@ -614,6 +614,17 @@ def selected_specs(args: argparse.Namespace) -> list[Spec]:
     return [s for s in STRATEGIES if wanted is None or s.name in wanted]
 
 
+def run_wire_bytes(res: dict[str, Any]) -> float:
+    """Bytes per step rank 0 sent plus received (:func:`lightning_optx.distributed.wire_bytes` of its collectives).
+
+    ``bytes_per_step`` counts what went *into* the collectives: an all-to-all's whole input, the chunk a rank
+    keeps included, so on 2 ranks it charges the two-stage sign and top-k codes twice what they send. The wire
+    count is the one the strategies log as ``comm/compression_ratio`` and the one the ``--long`` targets use.
+    """
+    total = sum(wire_bytes(m["kind"], m["bytes"], WORLD_SIZE) for m in res["collective_mix"])
+    return total / res["steps"]
+
+
 def seed_statistics(per_seed: dict[int, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     """Per strategy: each seed's final val loss ratio vs DDP of the same seed, their mean, sample std, min and max,
     bytes per step and the bytes ratio vs DDP, and its target (met, or missed by how much)."""
@@ -636,12 +647,15 @@ def seed_statistics(per_seed: dict[int, dict[str, dict[str, Any]]]) -> dict[str,
             "val_loss_ratio_max": max(ratios),
             "bytes_per_step": statistics.fmean(per_seed[s][name]["bytes_per_step"] for s in seeds),
             "bytes_ratio": statistics.fmean(bytes_ratio),
+            "wire_bytes_per_step": statistics.fmean(run_wire_bytes(per_seed[s][name]) for s in seeds),
+            "wire_bytes_ratio": statistics.fmean(
+                run_wire_bytes(per_seed[s][REFERENCE]) / run_wire_bytes(per_seed[s][name]) for s in seeds),
             "step_s": statistics.fmean(per_seed[s][name]["step_s"] for s in seeds),
         }
         target = targets.get(name)
         if target is not None:
             row["target"] = asdict(target)
-            row["bytes_ok"] = row["bytes_ratio"] >= target.min_bytes_ratio
+            row["bytes_ok"] = row["wire_bytes_ratio"] >= target.min_bytes_ratio
             row["loss_ok"] = row["val_loss_ratio_mean"] <= target.max_loss_ratio
             row["passed"] = row["bytes_ok"] and row["loss_ok"]
             row["loss_ratio_excess"] = row["val_loss_ratio_mean"] - target.max_loss_ratio
@@ -653,7 +667,8 @@ def print_seed_statistics(stats: dict[str, dict[str, Any]]) -> None:
     for name, row in stats.items():
         line = (f"{name}: val loss ratio vs {REFERENCE} mean {row['val_loss_ratio_mean']:.4f} std "
                 f"{row['val_loss_ratio_std']:.4f} [{row['val_loss_ratio_min']:.4f}, {row['val_loss_ratio_max']:.4f}] "
-                f"over seeds {row['seeds']}; {row['bytes_per_step']:.0f} bytes/step ({row['bytes_ratio']:.1f}x fewer)")
+                f"over seeds {row['seeds']}; {row['wire_bytes_per_step']:.0f} wire bytes/step "
+                f"({row['wire_bytes_ratio']:.1f}x fewer; {row['bytes_ratio']:.1f}x by collective inputs)")
         if "target" in row:
             t = row["target"]
             verdict = "PASS" if row["passed"] else "FAIL"
@@ -689,12 +704,12 @@ def plot_long(per_seed: dict[int, dict[str, dict[str, Any]]], stats: dict[str, d
         ax_ratio.plot([i] * len(row["val_loss_ratio"]), row["val_loss_ratio"], ".", color=f"C{i}", alpha=0.6)
         if name in targets:
             ax_ratio.hlines(targets[name], i - 0.3, i + 0.3, colors="k", linestyles="--")
-        ax_ratio.annotate(f"{row['bytes_ratio']:.0f}x", (i, row["val_loss_ratio_max"]), xytext=(0, 6),
+        ax_ratio.annotate(f"{row['wire_bytes_ratio']:.0f}x", (i, row["val_loss_ratio_max"]), xytext=(0, 6),
                           textcoords="offset points", ha="center")
     ax_ratio.set_xticks(range(len(names)), names, rotation=30)
     ax_ratio.set(ylabel=f"final val loss / {REFERENCE}'s (same seed)",
                  title="final val loss ratio: mean +- std over seeds (dots: seeds)\n"
-                       "dashes: target; labels: x fewer bytes than DDP")
+                       "dashes: target; labels: x fewer bytes on the wire than DDP")
     ax_ratio.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -404,14 +404,20 @@ def test_benchmark_long_mode_parses_to_the_long_config_and_summarises_seeds():
     assert cfg["steps"] // diloco.options["inner_steps"] >= 15
     with pytest.raises(SystemExit, match="exclude"):
         bench.config_for(bench.parse_args(["--long", "--quick"]))
-    run = {"ddp": {"val_loss": 2.0, "bytes_total": 800.0, "bytes_per_step": 8.0, "step_s": 0.1},
-           "ddp_sign": {"val_loss": 2.2, "bytes_total": 20.0, "bytes_per_step": 0.2, "step_s": 0.1}}
+    def fit(val_loss, kind, nbytes):
+        mix = [{"kind": kind, "tag": "grad", "overlapped": False, "count": 100, "bytes": nbytes}]
+        return {"val_loss": val_loss, "bytes_total": nbytes, "bytes_per_step": nbytes / 100, "steps": 100,
+                "step_s": 0.1, "collective_mix": mix}
+
+    run = {"ddp": fit(2.0, "all_reduce", 800.0), "ddp_sign": fit(2.2, "all_to_all", 40.0)}
     other = {"ddp": {**run["ddp"], "val_loss": 2.5}, "ddp_sign": {**run["ddp_sign"], "val_loss": 2.4}}
     row = bench.seed_statistics({0: run, 1: other})["ddp_sign"]
     assert row["val_loss_ratio"] == pytest.approx([1.1, 0.96])
     assert row["val_loss_ratio_mean"] == pytest.approx(1.03)
     assert row["val_loss_ratio_std"] == pytest.approx(0.14 / 2**0.5)
-    assert row["bytes_ratio"] == pytest.approx(40.0) and row["bytes_ok"]
+    # 2 ranks: a ring all-reduce sends and receives its input once, an all-to-all only the half it gives away
+    assert row["bytes_ratio"] == pytest.approx(20.0) and row["wire_bytes_ratio"] == pytest.approx(40.0)
+    assert row["bytes_ok"]
     assert row["passed"] and row["loss_ratio_excess"] == pytest.approx(-0.02)
     worse = bench.seed_statistics({0: {**run, "ddp_sign": {**run["ddp_sign"], "val_loss": 2.3}}})["ddp_sign"]
     assert not worse["passed"] and worse["loss_ratio_excess"] == pytest.approx(0.10)
