@@ -673,6 +673,7 @@ def print_seed_statistics(stats: dict[str, dict[str, Any]]) -> None:
             t = row["target"]
             verdict = "PASS" if row["passed"] else "FAIL"
             miss = "" if row["loss_ok"] else f", loss missed by {100 * row['loss_ratio_excess']:.1f} points"
+            miss += "" if row["bytes_ok"] else f", bytes missed ({row['wire_bytes_ratio']:.1f}x)"
             line = (f"{verdict} {line}; need <= {t['max_loss_ratio']:g} and >= {t['min_bytes_ratio']:g}x{miss}")
         print(line)
     sys.stdout.flush()
