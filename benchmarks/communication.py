@@ -707,6 +707,7 @@ def plot_long(per_seed: dict[int, dict[str, dict[str, Any]]], stats: dict[str, d
             ax_ratio.hlines(targets[name], i - 0.3, i + 0.3, colors="k", linestyles="--")
         ax_ratio.annotate(f"{row['wire_bytes_ratio']:.0f}x", (i, row["val_loss_ratio_max"]), xytext=(0, 6),
                           textcoords="offset points", ha="center")
+    ax_ratio.margins(y=0.12)
     ax_ratio.set_xticks(range(len(names)), names, rotation=30)
     ax_ratio.set(ylabel=f"final val loss / {REFERENCE}'s (same seed)",
                  title="final val loss ratio: mean +- std over seeds (dots: seeds)\n"
