@@ -53,6 +53,7 @@ Run::
     python benchmarks/communication.py --strategies ddp,local_sgd     # a subset (ddp is the reference)
     nohup nice -n 5 python benchmarks/communication.py --long > benchmarks/results/communication_long.log 2>&1 &
     python benchmarks/communication.py --long --replot   # statistics and plot again from the saved JSON
+    python benchmarks/communication.py --long --resume   # run only the fits the saved JSON lacks
 
 ``--long`` trains a smaller model (:data:`LONG`, chosen by timing; see :data:`LONG_SEARCH`) for 1,536 steps
 with seeds 0, 1, 2 and :data:`LONG_STRATEGIES`, and writes ``communication_long.json`` (after every fit) and
@@ -590,6 +591,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--long", action="store_true",
                         help=f"{LONG['steps']} steps x seeds {','.join(map(str, LONG_SEEDS))} of a smaller model: "
                              "mean and spread of the loss ratios vs DDP")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --long: keep the fits of the saved JSON and run only the missing ones")
     parser.add_argument("--replot", action="store_true",
                         help="with --long: statistics and plot again from the saved JSON (e.g. of a cut-short run)")
     parser.add_argument("--strategies", default=None,
@@ -732,6 +735,15 @@ def replot_long(path: Path) -> None:
     print(f"png: {path.with_suffix('.png')}")
 
 
+def load_long(path: Path, cfg: dict[str, Any]) -> tuple[dict[int, dict[str, dict[str, Any]]], float, Any]:
+    """The fits, wall time and start environment of a saved ``--long`` run with configuration ``cfg``."""
+    payload = json.loads(path.read_text())
+    if payload["config"] != cfg:
+        raise SystemExit(f"--resume: {path} was run with {payload['config']}, not {cfg}")
+    per_seed = {int(seed): res for seed, res in payload["results"].items()}
+    return per_seed, float(payload["benchmark_wall_s"]), payload["environment"]["start"]
+
+
 def main_long(args: argparse.Namespace, cfg: dict[str, Any], specs: list[Spec]) -> None:
     """Every spec for every seed, seed-major (a cut-short run holds whole seeds), the JSON saved after each fit."""
     stem = "communication_long" + ("_custom" if args.steps is not None or args.strategies else "")
@@ -740,11 +752,18 @@ def main_long(args: argparse.Namespace, cfg: dict[str, Any], specs: list[Spec]) 
     for name, value in caps.items():
         print(f"{name}/ratio_cap: {value:.2f}")
     per_seed: dict[int, dict[str, dict[str, Any]]] = {}
-    started = time.perf_counter()
+    earlier_s = 0.0
+    if args.resume and (RESULTS / f"{stem}.json").exists():
+        per_seed, earlier_s, env_start = load_long(RESULTS / f"{stem}.json", cfg)
+    started = time.perf_counter() - earlier_s
     title = (f"{cfg['d_model']}-wide, {cfg['n_layers']}-layer char GPT, {cfg['steps']} steps, 2 CPU ranks, "
              f"seeds {','.join(map(str, LONG_SEEDS))}")
+    stats = seed_statistics(per_seed)
+    payload: dict[str, Any] = {}
     for seed in LONG_SEEDS:
         for spec in specs:
+            if spec.name in per_seed.get(seed, {}):
+                continue
             print(f"# running {spec.name} seed {seed} ...", flush=True)
             res = summarize(spec, run_spec(spec, {**cfg, "seed": seed}))
             res.pop("train_curve")  # 1,536 floats x 21 fits; the validation curve stays
@@ -768,10 +787,12 @@ def main_long(args: argparse.Namespace, cfg: dict[str, Any], specs: list[Spec]) 
                 "benchmark_wall_s": time.perf_counter() - started,
             }
             (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=1))
+    if not payload:  # --resume of a run that had every fit already
+        payload = json.loads((RESULTS / f"{stem}.json").read_text())
     payload["complete"] = True
     (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=1))
     print_seed_statistics(stats)
-    print(f"benchmark_wall_s: {payload['benchmark_wall_s']:.1f}")
+    print(f"benchmark_wall_s: {time.perf_counter() - started:.1f}")
     plot_long(per_seed, stats, RESULTS / f"{stem}.png", title)
     print(f"json: {RESULTS / f'{stem}.json'}")
     print(f"png: {RESULTS / f'{stem}.png'}")

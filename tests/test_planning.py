@@ -392,7 +392,7 @@ def test_benchmark_models_time_with_the_planner():
     assert all(bench.cluster_model(s)["speedup_vs_ddp"] > 0 for s in bench.STRATEGIES)
 
 
-def test_benchmark_long_mode_parses_to_the_long_config_and_summarises_seeds():
+def test_benchmark_long_mode_parses_to_the_long_config_and_summarises_seeds(tmp_path):
     bench = load_benchmark()
     args = bench.parse_args(["--long"])
     cfg = bench.config_for(args)
@@ -419,6 +419,12 @@ def test_benchmark_long_mode_parses_to_the_long_config_and_summarises_seeds():
     assert row["bytes_ratio"] == pytest.approx(20.0) and row["wire_bytes_ratio"] == pytest.approx(40.0)
     assert row["bytes_ok"]
     assert row["passed"] and row["loss_ratio_excess"] == pytest.approx(-0.02)
+    saved = tmp_path / "communication_long.json"
+    saved.write_text(json.dumps({"config": cfg, "results": {"1": other}, "benchmark_wall_s": 12.5,
+                                 "environment": {"start": "then"}}))
+    assert bench.load_long(saved, cfg) == ({1: other}, 12.5, "then")  # --resume keeps seed 1's fits
+    with pytest.raises(SystemExit, match="--resume"):
+        bench.load_long(saved, {**cfg, "steps": 10})
     worse = bench.seed_statistics({0: {**run, "ddp_sign": {**run["ddp_sign"], "val_loss": 2.3}}})["ddp_sign"]
     assert not worse["passed"] and worse["loss_ratio_excess"] == pytest.approx(0.10)
 
