@@ -51,6 +51,14 @@ Run::
     python benchmarks/communication.py --quick      # a few dozen steps of a tiny model (~3 min on 2 cores)
     nohup python benchmarks/communication.py > benchmarks/results/communication_full.log 2>&1 &   # the figure
     python benchmarks/communication.py --strategies ddp,local_sgd     # a subset (ddp is the reference)
+    nohup nice -n 5 python benchmarks/communication.py --long > benchmarks/results/communication_long.log 2>&1 &
+    python benchmarks/communication.py --long --replot   # statistics and plot again from the saved JSON
+    python benchmarks/communication.py --long --resume   # run only the fits the saved JSON lacks
+
+``--long`` trains a smaller model (:data:`LONG`, chosen by timing; see :data:`LONG_SEARCH`) for 1,536 steps
+with seeds 0, 1, 2 and :data:`LONG_STRATEGIES`, and writes ``communication_long.json`` (after every fit) and
+``.png``: per strategy, each seed's final validation loss over DDP's of the same seed, their mean, standard
+deviation, min and max, bytes per step, and its target met or missed by how much.
 
 Prints ``name: value`` lines, writes ``benchmarks/results/communication.json`` (``communication_quick.json``
 with ``--quick``; ``..._custom`` with ``--steps`` or ``--strategies``) and ``benchmarks/results/communication.png``
@@ -95,7 +103,7 @@ from lightning.pytorch.strategies import Strategy, StrategyRegistry  # noqa: E40
 
 from lightning_optx import planning  # noqa: E402
 from lightning_optx.compression import get_compressor  # noqa: E402
-from lightning_optx.distributed import CollectiveRecord  # noqa: E402
+from lightning_optx.distributed import CollectiveRecord, wire_bytes  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 WORLD_SIZE = 2
@@ -163,6 +171,22 @@ FULL: dict[str, Any] = dict(
     d_model=256, n_layers=2, n_heads=4, seq_len=128, batch_size=8, steps=384, evaluations=6,
     val_windows=256, lr=2e-3, seed=0, timeout_s=1500,
 )
+# ``--long``: 1,536 optimizer steps (48 DiLoCo rounds of 32) x 3 seeds of LONG_STRATEGIES. The FULL model
+# (~1 s/step per 2-process run on the shared 2-core machine) would need ~9 h for 21 fits, so the width and the
+# context are cut until the 21 fits fit in ~70 min. Search (40 steps, 2 ranks, load average ~12, median ms per
+# step, ddp / ddp_sign): d_model 64 seq 64: 51 / 166; 96 x 64: 141 / 192; 128 x 64 (QUICK): 218 / 364; FULL
+# (256 x 128): ~1,000 in the 384-step run. Everything else (data, AdamW, warm-up + cosine over the run, lr,
+# batch, strategy options) is FULL's; each seed changes the initial weights and the data order.
+LONG: dict[str, Any] = dict(
+    d_model=64, n_layers=2, n_heads=4, seq_len=64, batch_size=8, steps=1536, evaluations=6,
+    val_windows=256, lr=2e-3, seed=0, timeout_s=1800,
+)
+LONG_SEEDS: tuple[int, ...] = (0, 1, 2)
+LONG_STRATEGIES: tuple[str, ...] = ("ddp", "local_sgd", "ddp_powersgd", "ddp_sign", "ddp_topk", "diloco", "diloco_x")
+LONG_SEARCH = ("d_model x seq_len candidates timed for 40 steps on 2 ranks (load average ~12; median ms/step ddp, "
+               "ddp_sign): 64x64: 51, 166; 96x64: 141, 192; 128x64: 218, 364; FULL 256x128: ~1000 (384-step run). "
+               "Spawning a 2-process run costs ~30-40 s on top. 64x64 is the largest that lets 21 fits of 1,536 "
+               "steps finish in ~70 min.")
 QUICK: dict[str, Any] = dict(
     d_model=128, n_layers=2, n_heads=4, seq_len=64, batch_size=8, steps=48, evaluations=2,
     val_windows=64, lr=2e-3, seed=0, timeout_s=300,
@@ -564,19 +588,233 @@ def _environment() -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few dozen steps of a tiny model")
+    parser.add_argument("--long", action="store_true",
+                        help=f"{LONG['steps']} steps x seeds {','.join(map(str, LONG_SEEDS))} of a smaller model: "
+                             "mean and spread of the loss ratios vs DDP")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --long: keep the fits of the saved JSON and run only the missing ones")
+    parser.add_argument("--replot", action="store_true",
+                        help="with --long: statistics and plot again from the saved JSON (e.g. of a cut-short run)")
     parser.add_argument("--strategies", default=None,
                         help=f"comma-separated subset of {','.join(s.name for s in STRATEGIES)} (default: all)")
     parser.add_argument("--steps", type=int, default=None, help="override the number of optimizer steps")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    cfg = dict(QUICK if args.quick else FULL)
+def config_for(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's configuration: ``LONG``, ``QUICK`` or ``FULL``, with ``--steps`` applied."""
+    if args.long and args.quick:
+        raise SystemExit("--long and --quick exclude each other")
+    cfg = dict(LONG if args.long else QUICK if args.quick else FULL)
     if args.steps is not None:
         cfg["steps"] = args.steps
-    wanted = set(args.strategies.split(",")) if args.strategies else None
-    specs = [s for s in STRATEGIES if wanted is None or s.name in wanted]
+    return cfg
+
+
+def selected_specs(args: argparse.Namespace) -> list[Spec]:
+    default = LONG_STRATEGIES if args.long else None
+    wanted = set(args.strategies.split(",")) if args.strategies else default
+    return [s for s in STRATEGIES if wanted is None or s.name in wanted]
+
+
+def run_wire_bytes(res: dict[str, Any]) -> float:
+    """Bytes per step rank 0 sent plus received (:func:`lightning_optx.distributed.wire_bytes` of its collectives).
+
+    ``bytes_per_step`` counts what went *into* the collectives: an all-to-all's whole input, the chunk a rank
+    keeps included, so on 2 ranks it charges the two-stage sign and top-k codes twice what they send. The wire
+    count is the one the strategies log as ``comm/compression_ratio`` and the one the ``--long`` targets use.
+    """
+    total = sum(wire_bytes(m["kind"], m["bytes"], WORLD_SIZE) for m in res["collective_mix"])
+    return total / res["steps"]
+
+
+def seed_statistics(per_seed: dict[int, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per strategy: each seed's final val loss ratio vs DDP of the same seed, their mean, sample std, min and max,
+    bytes per step and the bytes ratio vs DDP, and its target (met, or missed by how much)."""
+    out: dict[str, dict[str, Any]] = {}
+    names = list(dict.fromkeys(n for res in per_seed.values() for n in res))
+    targets = {t.strategy: t for t in TARGETS}
+    for name in names:
+        seeds = [s for s, res in per_seed.items() if name in res and REFERENCE in res]
+        if not seeds:
+            continue
+        ratios = [per_seed[s][name]["val_loss"] / per_seed[s][REFERENCE]["val_loss"] for s in seeds]
+        bytes_ratio = [per_seed[s][REFERENCE]["bytes_total"] / per_seed[s][name]["bytes_total"] for s in seeds]
+        row: dict[str, Any] = {
+            "seeds": seeds,
+            "val_loss": [per_seed[s][name]["val_loss"] for s in seeds],
+            "val_loss_ratio": ratios,
+            "val_loss_ratio_mean": statistics.fmean(ratios),
+            "val_loss_ratio_std": statistics.stdev(ratios) if len(ratios) > 1 else 0.0,
+            "val_loss_ratio_min": min(ratios),
+            "val_loss_ratio_max": max(ratios),
+            "bytes_per_step": statistics.fmean(per_seed[s][name]["bytes_per_step"] for s in seeds),
+            "bytes_ratio": statistics.fmean(bytes_ratio),
+            "wire_bytes_per_step": statistics.fmean(run_wire_bytes(per_seed[s][name]) for s in seeds),
+            "wire_bytes_ratio": statistics.fmean(
+                run_wire_bytes(per_seed[s][REFERENCE]) / run_wire_bytes(per_seed[s][name]) for s in seeds),
+            "step_s": statistics.fmean(per_seed[s][name]["step_s"] for s in seeds),
+        }
+        target = targets.get(name)
+        if target is not None:
+            row["target"] = asdict(target)
+            row["bytes_ok"] = row["wire_bytes_ratio"] >= target.min_bytes_ratio
+            row["loss_ok"] = row["val_loss_ratio_mean"] <= target.max_loss_ratio
+            row["passed"] = row["bytes_ok"] and row["loss_ok"]
+            row["loss_ratio_excess"] = row["val_loss_ratio_mean"] - target.max_loss_ratio
+        out[name] = row
+    return out
+
+
+def print_seed_statistics(stats: dict[str, dict[str, Any]]) -> None:
+    for name, row in stats.items():
+        line = (f"{name}: val loss ratio vs {REFERENCE} mean {row['val_loss_ratio_mean']:.4f} std "
+                f"{row['val_loss_ratio_std']:.4f} [{row['val_loss_ratio_min']:.4f}, {row['val_loss_ratio_max']:.4f}] "
+                f"over seeds {row['seeds']}; {row['wire_bytes_per_step']:.0f} wire bytes/step "
+                f"({row['wire_bytes_ratio']:.1f}x fewer; {row['bytes_ratio']:.1f}x by collective inputs)")
+        if "target" in row:
+            t = row["target"]
+            verdict = "PASS" if row["passed"] else "FAIL"
+            miss = "" if row["loss_ok"] else f", loss missed by {100 * row['loss_ratio_excess']:.1f} points"
+            miss += "" if row["bytes_ok"] else f", bytes missed ({row['wire_bytes_ratio']:.1f}x)"
+            line = (f"{verdict} {line}; need <= {t['max_loss_ratio']:g} and >= {t['min_bytes_ratio']:g}x{miss}")
+        print(line)
+    sys.stdout.flush()
+
+
+def plot_long(per_seed: dict[int, dict[str, dict[str, Any]]], stats: dict[str, dict[str, Any]], path: Path,
+              title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_curve, ax_ratio) = plt.subplots(1, 2, figsize=(14, 5.5))
+    first = per_seed[min(per_seed)]
+    for name, res in first.items():
+        if res["val_curve"]:
+            steps, losses = zip(*res["val_curve"])
+            ax_curve.plot(steps, losses, "o-", label=name, ms=3, lw=1.2)
+    ax_curve.set(xlabel="optimizer step", ylabel="validation loss (nats/char)",
+                 title=f"validation loss, seed {min(per_seed)}\n{title}")
+    ax_curve.legend()
+    ax_curve.grid(alpha=0.3)
+    names = list(stats)
+    targets = {t.strategy: t.max_loss_ratio for t in TARGETS}
+    for i, name in enumerate(names):
+        row = stats[name]
+        ax_ratio.errorbar(i, row["val_loss_ratio_mean"], yerr=row["val_loss_ratio_std"], fmt="s", color=f"C{i}",
+                          capsize=4)
+        ax_ratio.plot([i] * len(row["val_loss_ratio"]), row["val_loss_ratio"], ".", color=f"C{i}", alpha=0.6)
+        if name in targets:
+            ax_ratio.hlines(targets[name], i - 0.3, i + 0.3, colors="k", linestyles="--")
+        ax_ratio.annotate(f"{row['wire_bytes_ratio']:.0f}x", (i, row["val_loss_ratio_max"]), xytext=(0, 6),
+                          textcoords="offset points", ha="center")
+    ax_ratio.margins(y=0.12)
+    ax_ratio.set_xticks(range(len(names)), names, rotation=30)
+    ax_ratio.set(ylabel=f"final val loss / {REFERENCE}'s (same seed)",
+                 title="final val loss ratio: mean +- std over seeds (dots: seeds)\n"
+                       "dashes: target; labels: x fewer bytes on the wire than DDP")
+    ax_ratio.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def replot_long(path: Path) -> None:
+    """Statistics, their lines and the plot again from a ``--long`` JSON (complete or cut short)."""
+    payload = json.loads(path.read_text())
+    per_seed = {int(seed): res for seed, res in payload["results"].items()}
+    cfg = payload["config"]
+    payload["statistics"] = stats = seed_statistics(per_seed)
+    path.write_text(json.dumps(payload, indent=1))
+    print_seed_statistics(stats)
+    title = (f"{cfg['d_model']}-wide, {cfg['n_layers']}-layer char GPT, {cfg['steps']} steps, 2 CPU ranks, "
+             f"seeds {','.join(map(str, sorted(per_seed)))}" + ("" if payload["complete"] else " (cut short)"))
+    plot_long(per_seed, stats, path.with_suffix(".png"), title)
+    print(f"png: {path.with_suffix('.png')}")
+
+
+def load_long(path: Path, cfg: dict[str, Any]) -> tuple[dict[int, dict[str, dict[str, Any]]], float, Any]:
+    """The fits, wall time and start environment of a saved ``--long`` run with configuration ``cfg``."""
+    payload = json.loads(path.read_text())
+    if payload["config"] != cfg:
+        raise SystemExit(f"--resume: {path} was run with {payload['config']}, not {cfg}")
+    per_seed = {int(seed): res for seed, res in payload["results"].items()}
+    return per_seed, float(payload["benchmark_wall_s"]), payload["environment"]["start"]
+
+
+def main_long(args: argparse.Namespace, cfg: dict[str, Any], specs: list[Spec]) -> None:
+    """Every spec for every seed, seed-major (a cut-short run holds whole seeds), the JSON saved after each fit."""
+    stem = "communication_long" + ("_custom" if args.steps is not None or args.strategies else "")
+    env_start = _environment()
+    caps = ratio_caps(cfg)
+    for name, value in caps.items():
+        print(f"{name}/ratio_cap: {value:.2f}")
+    per_seed: dict[int, dict[str, dict[str, Any]]] = {}
+    earlier_s = 0.0
+    if args.resume and (RESULTS / f"{stem}.json").exists():
+        per_seed, earlier_s, env_start = load_long(RESULTS / f"{stem}.json", cfg)
+    started = time.perf_counter() - earlier_s
+    title = (f"{cfg['d_model']}-wide, {cfg['n_layers']}-layer char GPT, {cfg['steps']} steps, 2 CPU ranks, "
+             f"seeds {','.join(map(str, LONG_SEEDS))}")
+    stats = seed_statistics(per_seed)
+    payload: dict[str, Any] = {}
+    for seed in LONG_SEEDS:
+        for spec in specs:
+            if spec.name in per_seed.get(seed, {}):
+                continue
+            print(f"# running {spec.name} seed {seed} ...", flush=True)
+            res = summarize(spec, run_spec(spec, {**cfg, "seed": seed}))
+            res.pop("train_curve")  # 1,536 floats x 21 fits; the validation curve stays
+            per_seed.setdefault(seed, {})[spec.name] = res
+            print_strategy(f"seed{seed}/{spec.name}", res)
+            stats = seed_statistics(per_seed)
+            payload = {
+                "mode": "long",
+                "command": "python benchmarks/communication.py --long",
+                "config": cfg,
+                "seeds": list(LONG_SEEDS),
+                "config_search": LONG_SEARCH,
+                "complete": False,
+                "links_gbit": LINKS_GBIT,
+                "latency_s": LATENCY_S,
+                "cluster": CLUSTER,
+                "environment": {"start": env_start, "end": _environment()},
+                "ratio_caps": caps,
+                "statistics": stats,
+                "results": {str(s): r for s, r in per_seed.items()},
+                "benchmark_wall_s": time.perf_counter() - started,
+            }
+            (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=1))
+    if not payload:  # --resume of a run that had every fit already
+        payload = json.loads((RESULTS / f"{stem}.json").read_text())
+    payload["complete"] = True
+    (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=1))
+    print_seed_statistics(stats)
+    print(f"benchmark_wall_s: {time.perf_counter() - started:.1f}")
+    plot_long(per_seed, stats, RESULTS / f"{stem}.png", title)
+    print(f"json: {RESULTS / f'{stem}.json'}")
+    print(f"png: {RESULTS / f'{stem}.png'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    cfg = config_for(args)
+    specs = selected_specs(args)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        if not args.long:
+            raise SystemExit("--replot needs --long")
+        replot_long(RESULTS / "communication_long.json")
+        return
+    if args.long:
+        print("mode: long")
+        for key, value in cfg.items():
+            print(f"config/{key}: {value}")
+        print(f"config/seeds: {LONG_SEEDS}")
+        main_long(args, cfg, specs)
+        return
     env_start = _environment()
     print(f"mode: {'quick' if args.quick else 'full'}")
     for key, value in cfg.items():

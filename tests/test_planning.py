@@ -392,6 +392,43 @@ def test_benchmark_models_time_with_the_planner():
     assert all(bench.cluster_model(s)["speedup_vs_ddp"] > 0 for s in bench.STRATEGIES)
 
 
+def test_benchmark_long_mode_parses_to_the_long_config_and_summarises_seeds(tmp_path):
+    bench = load_benchmark()
+    args = bench.parse_args(["--long"])
+    cfg = bench.config_for(args)
+    assert cfg == bench.LONG and cfg["steps"] >= 1500 and len(bench.LONG_SEEDS) >= 3
+    assert [s.name for s in bench.selected_specs(args)] == [
+        s.name for s in bench.STRATEGIES if s.name in bench.LONG_STRATEGIES]
+    diloco = next(s for s in bench.STRATEGIES if s.name == "diloco")
+    assert cfg["steps"] % diloco.options["inner_steps"] == 0  # whole DiLoCo rounds
+    assert cfg["steps"] // diloco.options["inner_steps"] >= 15
+    with pytest.raises(SystemExit, match="exclude"):
+        bench.config_for(bench.parse_args(["--long", "--quick"]))
+    def fit(val_loss, kind, nbytes):
+        mix = [{"kind": kind, "tag": "grad", "overlapped": False, "count": 100, "bytes": nbytes}]
+        return {"val_loss": val_loss, "bytes_total": nbytes, "bytes_per_step": nbytes / 100, "steps": 100,
+                "step_s": 0.1, "collective_mix": mix}
+
+    run = {"ddp": fit(2.0, "all_reduce", 800.0), "ddp_sign": fit(2.2, "all_to_all", 40.0)}
+    other = {"ddp": {**run["ddp"], "val_loss": 2.5}, "ddp_sign": {**run["ddp_sign"], "val_loss": 2.4}}
+    row = bench.seed_statistics({0: run, 1: other})["ddp_sign"]
+    assert row["val_loss_ratio"] == pytest.approx([1.1, 0.96])
+    assert row["val_loss_ratio_mean"] == pytest.approx(1.03)
+    assert row["val_loss_ratio_std"] == pytest.approx(0.14 / 2**0.5)
+    # 2 ranks: a ring all-reduce sends and receives its input once, an all-to-all only the half it gives away
+    assert row["bytes_ratio"] == pytest.approx(20.0) and row["wire_bytes_ratio"] == pytest.approx(40.0)
+    assert row["bytes_ok"]
+    assert row["passed"] and row["loss_ratio_excess"] == pytest.approx(-0.02)
+    saved = tmp_path / "communication_long.json"
+    saved.write_text(json.dumps({"config": cfg, "results": {"1": other}, "benchmark_wall_s": 12.5,
+                                 "environment": {"start": "then"}}))
+    assert bench.load_long(saved, cfg) == ({1: other}, 12.5, "then")  # --resume keeps seed 1's fits
+    with pytest.raises(SystemExit, match="--resume"):
+        bench.load_long(saved, {**cfg, "steps": 10})
+    worse = bench.seed_statistics({0: {**run, "ddp_sign": {**run["ddp_sign"], "val_loss": 2.3}}})["ddp_sign"]
+    assert not worse["passed"] and worse["loss_ratio_excess"] == pytest.approx(0.10)
+
+
 def test_a_single_gpu_communicates_nothing():
     rows = plan(list(STRATEGY_DEFAULTS), Workload.from_params(P, 1.0), Cluster())
     assert all(r.comm_time_s == 0 and r.speedup_vs_ddp == 1.0 and r.inter_node_bytes_per_step == 0 for r in rows)
