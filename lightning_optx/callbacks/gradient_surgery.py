@@ -15,6 +15,7 @@ from torch.nn import Parameter
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
+from lightning_optx.callbacks._per_rank import CallbackRankState
 from lightning_optx.callbacks._surgery_buffers import (
     common_dtype,
     disable_donated_buffers,
@@ -153,7 +154,7 @@ class GradientSurgery(Callback):
         self._sync.attach(strategy, mode)
         store = per_rank_state(trainer)
         if self._sync.per_rank and store is not None:  # local gradients: the method's state differs per rank
-            store.register(f"GradientSurgery/{self.state_key}", self)
+            store.register(f"GradientSurgery/{self.state_key}", CallbackRankState(self, strategy))
         self._disable_donated_buffers()
 
     def _disable_donated_buffers(self) -> None:

@@ -106,10 +106,17 @@ def drop_error_feedback(compressor: Any, names: Iterable[str]) -> None:
     past updates would otherwise be carried, and checkpointed, forever. Shared state (PowerSGD's Q memories)
     is kept.
     """
-    names = list(names)
+    names = set(names)
+    if not names:
+        return
     for store in error_feedback_stores(compressor):
-        for name in names:
-            store.pop(name, None)
+        for key in [k for k in store if _names_parameter(k, names)]:
+            del store[key]
+
+
+def _names_parameter(key: Any, names: set[str]) -> bool:
+    """``key`` is one of ``names``, or a per-task key ``"<task>/<name>"`` of one (gradient surgery)."""
+    return key in names or (isinstance(key, str) and "/" in key and key.split("/", 1)[1] in names)
 
 
 def error_feedback_stores(compressor: Any) -> list[dict[Any, Tensor]]:

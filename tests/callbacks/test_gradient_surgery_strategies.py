@@ -280,3 +280,28 @@ def test_one_process_compressed_ddp_still_compresses_each_task():
     keys, iteration = r.inspected
     assert keys == [f"{t}/trunk.{i}.weight" for t in ("task0", "task1") for i in (0, 2)]
     assert iteration == 3
+
+
+def per_rank_surgery_parts(trainer, module):
+    return {k: v for k, v in trainer.strategy.per_rank_state.collect().items() if k.startswith("GradientSurgery")}
+
+
+def test_rank_zero_does_not_write_the_surgery_state_twice():
+    """Under a local strategy the method's state is per-rank state, but rank 0's already is the checkpoint's own
+    callback state: its per-rank part stays empty (no second copy in the checkpoint)."""
+    [r] = run_job(TrainJob(module=MultiTaskModule, callbacks=[GradientSurgery("sam_gs")],
+                           strategy=LocalSGDStrategy(period=2), trainer_kwargs={"max_steps": 2},
+                           inspect=per_rank_surgery_parts))
+    assert list(r.inspected.values()) == [{}], r.inspected
+
+
+def test_frozen_parameters_lose_their_per_task_error_feedback():
+    """GradES + surgery under compressed DDP: residuals are keyed "<task>/<name>"; a frozen name drops them all."""
+    from lightning_optx.compression import TopK
+    from lightning_optx.strategies._ddp_base import drop_error_feedback
+
+    compressor = TopK(density=0.5)
+    compressor.residuals.update({k: torch.ones(2) for k in ("task0/fc.weight", "task1/fc.weight", "fc.weight",
+                                                          "task0/fc.bias", "head.weight")})
+    drop_error_feedback(compressor, ["fc.weight"])
+    assert sorted(compressor.residuals) == ["head.weight", "task0/fc.bias"]

@@ -53,14 +53,15 @@ pytestmark = [
 # 48 samples, batch 8, 2 ranks: 3 optimizer steps per epoch; 2 epochs; the checkpoint lands at step 3, mid-round
 DATA_SIZE, BATCH_SIZE, STEPS_PER_EPOCH, EPOCHS, SPLIT_EPOCH = 48, 8, 3, 2, 1
 TOTAL_STEPS = STEPS_PER_EPOCH * EPOCHS
+SYNC_EVERY = 2  # local_sgd's period, DiLoCo's inner steps
 TIMEOUT_S = 600.0  # the whole launch (three fits); a hang fails the test
 DROPOUT_P, DROPOUT_CUTOFF = 0.3, 0.5
 
 STRATEGY_FACTORIES: dict[str, Callable[..., Any]] = {
     "ddp": lambda **kw: "ddp",
-    "local_sgd": functools.partial(LocalSGDStrategy, period=2),
-    "diloco": functools.partial(DiLoCoStrategy, inner_steps=2),
-    "diloco_x": functools.partial(DiLoCoStrategy, inner_steps=2, overlap=True, compressor="powersgd",
+    "local_sgd": functools.partial(LocalSGDStrategy, period=SYNC_EVERY),
+    "diloco": functools.partial(DiLoCoStrategy, inner_steps=SYNC_EVERY),
+    "diloco_x": functools.partial(DiLoCoStrategy, inner_steps=SYNC_EVERY, overlap=True, compressor="powersgd",
                                   compressor_options={"rank": 2}, adaptive_compression=True),
     "ddp_powersgd": functools.partial(CompressedDDPStrategy, "powersgd", compressor_options={"rank": 2}),
     "ddp_topk": functools.partial(CompressedDDPStrategy, "topk", compressor_options={"density": 0.1}),
@@ -200,17 +201,22 @@ def check_grokfast(strategy: str, ranks: list[RankResult]) -> None:
 
 
 def check_grades(strategy: str, ranks: list[RankResult]) -> None:
-    """Every rank freezes the same matrix at the same step; a frozen matrix never moves again on any rank (not
-    in an average, an outer step or the end-of-fit sync); under the local strategies freezing broadcasts
+    """Every rank freezes the same matrix at the same step. Under the shared strategies a frozen matrix never
+    moves again. Under the local ones each rank froze its own local value, so the matrix is averaged one last
+    time (at the next sync; with DiLoCoX's one-round delay, the sync after) and then never moves again on any
+    rank (not in an average, an outer step or the end-of-fit sync), the same value on both; freezing broadcasts
     nothing (the ranks still differ after the freeze at step 1)."""
     f0, f1 = (callback_state(r, "GradES")["frozen"] for r in ranks)
     assert f0 == f1 == {"net.fc1.weight": 1}, f"the ranks froze {f0} and {f1}"
+    settled = 1 if strategy not in LOCAL else 2 * SYNC_EVERY  # the step after which it may not move
     for r in ranks:
         steps = params_at(r)
-        frozen_value = steps[1]["net.fc1.weight"]
-        for step in range(2, TOTAL_STEPS + 1):
+        frozen_value = steps[settled]["net.fc1.weight"]
+        for step in range(settled + 1, TOTAL_STEPS + 1):
             assert torch.equal(steps[step]["net.fc1.weight"], frozen_value), f"rank {r.rank}: moved at {step}"
         assert torch.equal(r.params["net.fc1.weight"], frozen_value), f"rank {r.rank}: moved at the end of fit"
+    last = [params_at(r)[settled]["net.fc1.weight"] for r in ranks]
+    assert torch.equal(last[0], last[1]), "the frozen matrix differs between the ranks once it has settled"
     if strategy in LOCAL:
         assert_apart_after_step_1(ranks)
     else:
