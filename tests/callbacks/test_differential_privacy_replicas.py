@@ -268,3 +268,19 @@ def test_node_replicas_are_refused_end_to_end():
     with pytest.raises(RuntimeError, match=r"DifferentialPrivacy cannot run under strategy 'local_sgd' "
                                            r"\(LocalSGDStrategy\): replica_size=2"):
         run_job(job, world_size=2)
+
+
+def test_subclasses_of_our_strategies_are_judged_as_the_compatibility_table_judges_them():
+    from lightning_optx.compatibility import refusal
+
+    class MyLocal(LocalSGDStrategy):
+        strategy_name = "my_local"
+
+    class MySign(CompressedDDPStrategy):
+        strategy_name = "my_sign"
+
+    assert refusal("DifferentialPrivacy", MyLocal(period=2)) is None
+    assert checks.data_parallel_mode(MyLocal(period=2)) == "replicas"
+    assert refusal("DifferentialPrivacy", MySign("sign")) is not None
+    with pytest.raises(ValueError, match=r"strategy 'ddp_sign' \(MySign\): a compressed, error-fed"):
+        checks.data_parallel_mode(MySign("sign"))

@@ -8,10 +8,10 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-import torch
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import nn
 
+from lightning_optx.compatibility import strategy_key
 from lightning_optx.functional import privacy as P
 
 CLIPPINGS = ("flat", "per_layer", "adaptive")
@@ -101,23 +101,13 @@ NODE_REPLICA_REASON = (
 
 
 def strategy_name(strategy: Any) -> str:
-    """The name a strategy is registered under (``"ddp"``, ``"local_sgd"``, ``"diloco"``, ``"diloco_x"`` for a
-    DiLoCo with overlap or a compressor, ``"ddp_<compressor>"``), else its class name."""
+    """The strategy's name in the compatibility table (:func:`lightning_optx.compatibility.strategy_key`:
+    ``"ddp"``, ``"local_sgd"``, ``"diloco"``, ``"diloco_x"``, ``"ddp_<compressor>"``, subclasses included),
+    ``"single_device"``, else its class name."""
     if type(strategy) is SingleDeviceStrategy:
         return "single_device"
-    if type(strategy) is DDPStrategy:
-        return "ddp"
-    own = getattr(type(strategy), "strategy_name", None)
-    if own == "diloco":
-        local = not getattr(strategy, "overlap", False) and getattr(strategy, "compressor", None) is None
-        return "diloco" if local else "diloco_x"
-    if own == "compressed_ddp":
-        compressor = getattr(strategy, "compressor", None)
-        name = getattr(compressor, "name", "compressed")
-        if name == "cast":
-            name = "bf16" if getattr(compressor, "dtype", None) == torch.bfloat16 else "fp16"
-        return f"ddp_{name}"
-    return own if own == "local_sgd" else type(strategy).__name__
+    key = strategy_key(strategy)
+    return key if key is not None else type(strategy).__name__
 
 
 def data_parallel_mode(strategy: Any) -> Mode:
@@ -125,22 +115,21 @@ def data_parallel_mode(strategy: Any) -> Mode:
     where the privacy argument fails (see docs/methods/differential-privacy.md, "With Local SGD and DiLoCo")."""
     if type(strategy) is SingleDeviceStrategy:
         return "single"
-    if type(strategy) is DDPStrategy:
-        return "ddp"
     name = strategy_name(strategy)
+    if name == "ddp":
+        return "ddp"
 
     def refuse(reason: str) -> ValueError:
         return ValueError(f"DifferentialPrivacy cannot run under strategy {name!r} ({type(strategy).__name__}): "
                           f"{reason}.")
 
-    own = getattr(type(strategy), "strategy_name", None)
-    if own == "compressed_ddp":
+    if name.startswith("ddp_"):
         raise refuse(COMPRESSED_REASON)
-    if own not in ("local_sgd", "diloco") or not callable(getattr(strategy, "gradient_averaging_comm", None)):
+    if name not in ("local_sgd", "diloco", "diloco_x"):
         raise refuse("DifferentialPrivacy supports single-device training, Lightning's DDPStrategy ('ddp'), Local "
                      "SGD ('local_sgd') and DiLoCo ('diloco', 'diloco_x'): Opacus' optimizer, or one DP-SGD per "
                      "replica, must be the only one to reduce gradients")
-    if own == "local_sgd" and getattr(strategy, "warmup_steps", 0) > 0:
+    if name == "local_sgd" and getattr(strategy, "warmup_steps", 0) > 0:
         raise refuse(f"warmup_steps={strategy.warmup_steps}: {WARMUP_REASON}")
     size = int(getattr(strategy, "replica_size", 1))
     if size > 1:
