@@ -263,6 +263,7 @@ def resize_job(world_size: int, seed: int | None = None, **kwargs: Any) -> Train
                     trainer_kwargs={"max_epochs": 4}, **kwargs)
 
 
+@pytest.mark.slow  # the re-calibration itself is checked in the default run below (accountant level)
 @pytest.mark.multiprocess
 def test_resume_on_twice_the_ranks_recalibrates_and_ends_within_target_epsilon(tmp_path):
     ckpt = str(tmp_path / "one_rank.ckpt")

@@ -205,6 +205,7 @@ def test_replicas_draw_independent_full_noise_and_log_one_replicas_epsilon(seed)
     assert_tree_equal(ranks[0].inspected["state"], ranks[1].inspected["state"], "DP state of rank 0 vs rank 1")
 
 
+@pytest.mark.slow  # the matrix covers DP x local strategies too (tests/integration/test_matrix.py, slow)
 @pytest.mark.multiprocess
 @pytest.mark.timeout(600)  # three 2-process fits; each has the runner's own timeout, so a hang still fails
 def test_local_sgd_resume_mid_round_is_bit_exact(tmp_path):

@@ -63,6 +63,7 @@ def check_grokfast_resumes_per_rank(strategy: Any, filter_name: str, tmp_path: A
     assert filters_differ(filter_state(straight[0].callback_states), filter_state(straight[1].callback_states))
 
 
+@pytest.mark.slow  # the default run covers it through the matrix's Grokfast x local_sgd pair
 @pytest.mark.multiprocess
 def test_grokfast_filter_is_saved_and_restored_per_rank_under_local_sgd(tmp_path):
     check_grokfast_resumes_per_rank(LocalSGDStrategy(period=PERIOD), "ema", tmp_path)
