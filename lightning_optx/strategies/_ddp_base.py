@@ -7,10 +7,10 @@ Checkpoints. Lightning writes checkpoints from rank 0 only, but some of our stat
 Nothing is gathered (see :mod:`lightning_optx.checkpointing`): the state every rank shares and rank 0's own
 part go into the checkpoint under ``checkpoint["lightning_optx"]`` (``"shared"``, ``"rank0"``), and every
 other rank writes its own part to a file beside the checkpoint. At load time each rank takes its own part:
-optimizer states are swapped into the checkpoint before Lightning restores them, and module weights are
-re-applied right after the DDP wrap (whose rank-0 broadcast would otherwise overwrite them). A checkpoint
-written with another world size falls back to rank 0's state for every rank, with a warning, and drops
-per-rank residuals.
+optimizer states and the precision plugin's state (each rank's own fp16 GradScaler under the local strategies)
+are swapped into the checkpoint before Lightning restores them, and module weights are re-applied right after
+the DDP wrap (whose rank-0 broadcast would otherwise overwrite them). A checkpoint written with another world
+size falls back to rank 0's state for every rank, with a warning, and drops per-rank residuals.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from lightning_optx.checkpointing import PerRankState, rank_file
 from lightning_optx.distributed import Communicator, LinkClass, strict_collectives, wire_bytes
 
 CHECKPOINT_KEY = "lightning_optx"
+PRECISION_STATE = "precision_plugin"  # key of a rank's precision-plugin state in its per-rank state
 
 
 @dataclass
@@ -420,6 +421,17 @@ class OptxDDPStrategy(DDPStrategy):
     def _trainable_params(self) -> list[Parameter]:
         return [p for _, p in self._named_trainable_params()]
 
+    def _precision_rank_state(self) -> dict[str, Any]:
+        """This rank's precision-plugin state, for strategies whose ranks step apart between syncs.
+
+        Each rank's fp16 GradScaler then halves its scale on its own overflows, but Lightning writes rank 0's
+        plugin state only. Saved with the key Lightning stores it under, for :meth:`load_checkpoint` to swap in.
+        """
+        state = self.precision_plugin.state_dict()
+        if not state:
+            return {}
+        return {PRECISION_STATE: {"key": type(self.precision_plugin).__qualname__, "state": to_cpu(state)}}
+
     def _grad_scale(self) -> float:
         """The fp16 GradScaler's current scale (1.0 without one)."""
         scaler = getattr(self.precision_plugin, "scaler", None)
@@ -448,7 +460,8 @@ class OptxDDPStrategy(DDPStrategy):
                 # consensus is swapped in for validation (``validate_on="consensus"``): then Lightning writes
                 # the consensus and rank 0's local replica is kept here for the resume.
                 swapped = bool(getattr(self, "_local_backup", None))
-                dropped = ("optimizer_states",) if swapped else ("module", "optimizer_states")
+                # the precision plugin is never swapped: Lightning writes rank 0's own
+                dropped = {"optimizer_states", PRECISION_STATE} | (set() if swapped else {"module"})
                 mine["strategy"] = {k: v for k, v in mine["strategy"].items() if k not in dropped}
                 ours.update(comm=self.comm.ledger.state_dict(), shared=to_cpu(shared), rank0=to_cpu(mine))
             else:
@@ -485,6 +498,9 @@ class OptxDDPStrategy(DDPStrategy):
         rank_state = states.pop("strategy", {})
         if "optimizer_states" in rank_state:
             checkpoint["optimizer_states"] = rank_state["optimizer_states"]
+        precision = rank_state.get(PRECISION_STATE)
+        if precision is not None and precision["key"] in checkpoint:  # same plugin class as Lightning wrote
+            checkpoint[precision["key"]] = precision["state"]
         self._pending_rank_state = rank_state
         self.per_rank_state.set_pending(states)
         return checkpoint

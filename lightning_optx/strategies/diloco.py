@@ -573,6 +573,7 @@ class DiLoCoStrategy(OptxDDPStrategy):
         state: dict[str, Any] = {
             "module": self._local_module_state(),
             "optimizer_states": [opt.state_dict() for opt in self.optimizers],
+            **self._precision_rank_state(),
         }
         if self.overlap:
             state["starts"] = [frag.start for frag in self._fragments]

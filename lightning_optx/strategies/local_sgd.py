@@ -220,6 +220,7 @@ class LocalSGDStrategy(OptxDDPStrategy):
         return {
             "module": self._local_module_state(),
             "optimizer_states": [opt.state_dict() for opt in self.optimizers],
+            **self._precision_rank_state(),
         }
 
 

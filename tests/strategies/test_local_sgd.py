@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
 import torch
+from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.strategies import StrategyRegistry
 
 import lightning_optx
-from lightning_optx import LocalSGDStrategy
+from lightning_optx import DiLoCoStrategy, LocalSGDStrategy
 from lightning_optx.functional.local_sgd import qsr_period
 from tests.helpers import TrainJob, assert_ranks_identical, assert_tree_equal, check_resume_equivalence, run_job
 from tests.helpers.models import TinyModule, TwoOptimizerModule
@@ -180,3 +182,31 @@ def test_resume_between_syncs_is_bit_exact(tmp_path, average_optimizer_state):
                                                  tmp_dir=str(tmp_path), world_size=2)
     assert straight[0].global_step == 12
     assert resumed[0].series("comm/bytes_total")[-1] == straight[0].series("comm/bytes_total")[-1]
+
+
+class OverflowOnRankOne(TinyModule):
+    """Rank 1's fp16 loss overflows at step 1: its GradScaler skips the step and halves, rank 0's does not."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * 1e38 if self.global_rank == 1 and self.trainer.global_step == 1 else loss
+
+
+def grad_scale(trainer, module):
+    return float(trainer.precision_plugin.scaler.get_scale())
+
+
+@pytest.mark.parametrize("strategy", [
+    lambda: LocalSGDStrategy(period=3),
+    pytest.param(lambda: DiLoCoStrategy(inner_steps=3), marks=pytest.mark.slow, id="diloco"),
+], ids=["local_sgd", "diloco"])
+def test_resume_restores_each_ranks_own_fp16_grad_scale(tmp_path, strategy):
+    """Lightning writes rank 0's GradScaler only; each rank must get its own scale back (split between syncs)."""
+    fp16 = {"plugins": [MixedPrecision("16-mixed", "cpu")]}
+    module = functools.partial(OverflowOnRankOne, model="mlp", optimizer="adamw", lr=1e-2)
+    resume_job = dataclasses.replace(job(strategy(), module=module, **fp16), inspect=grad_scale)
+    straight, resumed = check_resume_equivalence(resume_job, total_epochs=2, split_epoch=1, tmp_dir=str(tmp_path),
+                                                 world_size=2)
+    scales = [r.inspected for r in straight]
+    assert scales[1] == scales[0] / 2, f"rank 1 should have halved its scale once, got {scales}"
+    assert [r.inspected for r in resumed] == scales
