@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.nn import Parameter
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 
 from lightning_optx.callbacks._steps import holds_compiled_module, planned_rounds, rounds_after_batch
 from lightning_optx.compatibility import check_supported
@@ -69,7 +70,8 @@ class GradES(Callback):
         grace_fraction: fraction of the planned optimizer steps (``trainer.estimated_stepping_batches``) during
             which nothing is frozen; the paper uses 0.55.
         metric: ``"grad"`` (mean absolute gradient of the component) or ``"weight_delta"`` (mean absolute change
-            of the component over the last optimizer step, as in the authors' code).
+            of the component made by the last optimizer step's update, as in the authors' code; under Local
+            SGD / DiLoCo the jump of a synchronisation is not part of it).
         targets: ``"auto"`` (attention and FFN matrices of common layouts, or only LoRA adapters when present)
             or a list of regular expressions matched (``re.search``) against parameter names.
         stop_when_all_frozen: set ``trainer.should_stop`` once every component is frozen.
@@ -129,7 +131,8 @@ class GradES(Callback):
         self._restoring_into: pl.Trainer | None = None  # set while a checkpoint may still be restored
         self._components: dict[str, list[str]] = {}  # component -> parameter names
         self._params: dict[str, Parameter] = {}
-        self._pending: dict[str, Tensor] = {}  # component -> grad metric (grad), or param -> weights (weight_delta)
+        self._pending: dict[str, Tensor] = {}  # component -> this step's metric, not yet averaged across ranks
+        self._step_hooks: dict[int, RemovableHandle] = {}  # weight_delta: id(optimizer) -> its step post-hook
         self._valid: dict[str, bool] = {}  # component -> measured (finite, reached) at this step
         self._stepped = False
 
@@ -226,6 +229,9 @@ class GradES(Callback):
             self._apply_frozen_flags()
             _rewrap_ddp(trainer.strategy)
 
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_step_hooks()  # a fit that ended inside a batch must not leave a hook on the optimizer
+
     # ------------------------------------------------------------------ measuring
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -250,13 +256,42 @@ class GradES(Callback):
             values = F.group_mean_abs(tensors, [len(self._components[c]) for c in measured])  # type: ignore[arg-type]
             self._pending.update(zip(measured, values))
         else:
-            self._pending.update({n: self._params[n].detach().clone() for c in measured for n in self._components[c]})
+            self._measure_update_of(optimizer, measured)
+
+    def _measure_update_of(self, optimizer: Optimizer, measured: list[str]) -> None:
+        """``weight_delta``: the change made by this optimizer's own update, right after ``optimizer.step``.
+
+        Measured in a step post-hook, not at ``on_train_batch_end``: our strategies synchronise (Local SGD's
+        average, DiLoCo's outer step) between the two, and the jump to the average is not the step's change.
+        A step the grad scaler skips never calls ``optimizer.step``: no hook, no measurement.
+        """
+        stepping = _innermost_optimizer(optimizer)
+        old = self._step_hooks.pop(id(stepping), None)
+        if old is not None:
+            old.remove()  # a second step of this optimizer within the batch (manual optimization)
+        before = {n: self._params[n].detach().clone() for c in measured for n in self._components[c]}
+
+        def after_step(*_: Any) -> None:
+            if not before:
+                return  # already measured (the handle is removed at the batch end, not during the hook loop)
+            deltas = [self._params[n].detach() - before[n] for c in measured for n in self._components[c]]
+            values = F.group_mean_abs(deltas, [len(self._components[c]) for c in measured])
+            self._pending.update(zip(measured, values))
+            before.clear()
+
+        self._step_hooks[id(stepping)] = stepping.register_step_post_hook(after_step)
+
+    def _remove_step_hooks(self) -> None:
+        for handle in self._step_hooks.values():
+            handle.remove()
+        self._step_hooks = {}
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if not self._stepped:
             return  # not an optimizer-step boundary (gradient accumulation)
         self._stepped = False
+        self._remove_step_hooks()
         names = self.active_names
         if not names:
             return
@@ -288,13 +323,8 @@ class GradES(Callback):
         skips (or a branch one rank did not reach) cannot leave the others waiting.
         """
         device = next(iter(self._params.values())).device
-        measured = [c for c in names if self._valid.get(c, False)]
-        if self.metric == "grad":
-            values = [self._pending[c] for c in measured]
-        else:
-            deltas = [self._params[n].detach() - self._pending[n] for c in measured for n in self._components[c]]
-            values = list(F.group_mean_abs(deltas, [len(self._components[c]) for c in measured]))
-        by_name = dict(zip(measured, values))
+        # weight_delta: a component whose optimizer never stepped (grad scaler skip) has no pending value
+        by_name = {c: self._pending[c] for c in names if self._valid.get(c, False) and c in self._pending}
         zero = torch.zeros((), dtype=torch.float32, device=device)
         flags = torch.tensor([c in by_name for c in names], dtype=torch.float32, device=device)
         local = torch.cat([torch.stack([by_name.get(c, zero).to(device) for c in names]), flags])
@@ -366,6 +396,13 @@ class GradES(Callback):
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
         if self._restoring_into is not None:  # restored after `on_fit_start`, before the optimizers' state
             self._prepare_restored_state(self._restoring_into)
+
+
+def _innermost_optimizer(optimizer: Optimizer) -> Optimizer:
+    """The optimizer that updates the weights: Opacus' ``DPOptimizer`` steps its ``original_optimizer``."""
+    while isinstance(getattr(optimizer, "original_optimizer", None), Optimizer):
+        optimizer = optimizer.original_optimizer  # type: ignore[attr-defined]
+    return optimizer
 
 
 def _mean_across_ranks(strategy: Any, tensor: Tensor) -> Tensor:

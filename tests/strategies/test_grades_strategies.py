@@ -224,3 +224,66 @@ def test_diloco_resumes_into_a_module_whose_matrices_are_already_frozen(tmp_path
     finally:
         PreFrozen.FROZEN = ()
     assert_tree_equal(straight.params, resumed.params, "parameters after resume")
+
+
+class OwnUpdate(Callback):
+    """Per step: each watched matrix's mean |change| made by ``optimizer.step`` alone, the change seen at the
+    batch end (sync included), and GradES's recorded metric. Placed after GradES in the callback list."""
+
+    def __init__(self) -> None:
+        self.steps: dict[int, dict[str, dict[str, float]]] = {}
+        self._before: dict[str, torch.Tensor] = {}
+        self._after: dict[str, torch.Tensor] = {}
+        self._handle = None
+
+    def _watched(self, trainer, pl_module) -> dict[str, torch.Tensor]:
+        cb = next(c for c in trainer.callbacks if isinstance(c, GradES))
+        params = dict(pl_module.named_parameters())
+        return {n: params[n] for n in cb.target_names}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        watched = self._watched(trainer, pl_module)
+        self._before = {n: p.detach().clone() for n, p in watched.items()}
+
+        def after_step(*_):
+            self._after = {n: p.detach().clone() for n, p in watched.items()}
+
+        self._handle = optimizer.register_step_post_hook(after_step)
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self._handle.remove()
+        cb = next(c for c in trainer.callbacks if isinstance(c, GradES))
+        now = self._watched(trainer, pl_module)
+        self.steps[trainer.global_step] = {
+            "own": {n: float((self._after[n] - b).abs().double().mean()) for n, b in self._before.items()},
+            "batch_end": {n: float((now[n].detach() - b).abs().double().mean()) for n, b in self._before.items()},
+            "metric": dict(cb.last_metrics),
+        }
+
+
+def own_update_facts(trainer, module):
+    cb = next(c for c in trainer.callbacks if isinstance(c, GradES))
+    assert cb.component_names == cb.target_names  # no LoRA pair: a component is one matrix
+    return next(c for c in trainer.callbacks if isinstance(c, OwnUpdate)).steps
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("strategy", [lambda: DiLoCoStrategy(inner_steps=4, outer_lr=0.7),
+                                      lambda: LocalSGDStrategy(period=4)], ids=["diloco", "local_sgd"])
+def test_weight_delta_is_the_optimizer_update_not_the_sync_jump(strategy):
+    """weight_delta at a sync step is what ``optimizer.step`` moved the matrix (mean over ranks), not the jump to
+    the average or the outer step that the strategy applies before the batch ends."""
+    cb = GradES(tau=1e-12, metric="weight_delta", grace_fraction=0.99, stop_when_all_frozen=False)
+    job = TrainJob(module=TRANSFORMER, strategy=strategy(), callbacks=[cb, OwnUpdate()],
+                   trainer_kwargs={"max_epochs": 2}, inspect=own_update_facts)
+    r0, r1 = run_job(job, world_size=2)
+    assert sorted(r0.inspected) == list(range(1, 9))  # 8 steps; syncs after steps 4 and 8
+    for step in r0.inspected:
+        a, b = r0.inspected[step], r1.inspected[step]
+        assert a["metric"] == b["metric"]  # one all-reduced value: the same decision on both ranks
+        for name, metric in a["metric"].items():
+            own = (a["own"][name] + b["own"][name]) / 2
+            assert metric == pytest.approx(own, rel=1e-5, abs=0), (step, name)
+        jump = sum(abs(a["batch_end"][n] - a["own"][n]) / a["own"][n] for n in a["own"]) / len(a["own"])
+        # the test is only sensitive if the sync moves the weights: the batch-end change differs at syncs only
+        assert (jump > 0.1) if step % 4 == 0 else (jump < 1e-6), (step, jump)
