@@ -242,10 +242,20 @@ def test_a_case_averages_buffers() -> None:
     assert bytes_per_step[True] - bytes_per_step[False] == pytest.approx(4 * 37 / 4)  # fp32, every 4 steps
 
 
+# option rows beyond one case per registered flag: slow (the default run keeps one fit per flag)
+SLOW_OPTION_ROWS = {
+    "ddp_powersgd:rank=2", "ddp_topk:density=0.1", "local_sgd:period=4,average_optimizer_state=true",
+    "local_sgd:period=4,average_buffers=false+buffers", "diloco:inner_steps=4,fragments=2",
+    "diloco:inner_steps=4,compressor=sign", "diloco:inner_steps=4,overlap=true,compressor=topk,density=0.05",
+}
+
+
 def _case_param(case: Case) -> Any:
     name = f"{case.spec}{'+buffers' if case.module.get('buffer_numel') else ''}"
     if case.run.num_nodes > 1:
         return pytest.param(case, id=f"2x2-{name}", marks=pytest.mark.slow)
+    if name in SLOW_OPTION_ROWS:
+        return pytest.param(case, id=name, marks=pytest.mark.slow)
     return pytest.param(case, id=name)
 
 

@@ -137,6 +137,7 @@ def test_ddp_stop_is_taken_by_every_rank():
     assert_ranks_identical(ranks)
 
 
+@pytest.mark.slow  # default run: 2-rank GradES resumes under diloco and ddp_powersgd in test_matrix.py
 @pytest.mark.multiprocess
 def test_ddp_resume_is_bit_exact(tmp_path):
     cb = grades()

@@ -157,6 +157,7 @@ def test_ddp_equals_surgery_on_the_global_batch(method):
     assert ranks[0].series("surgery/bytes_per_step")[-1] == 4 * (2 * N_SHARED + 2 * N_HEAD)
 
 
+@pytest.mark.slow  # default run: 2-rank surgery resumes under diloco_x, ddp_topk in test_matrix.py
 @pytest.mark.multiprocess
 def test_ddp_resume_with_stateful_method(tmp_path):
     module = functools.partial(MultiTaskModule, optimizer="adamw", lr=1e-2)

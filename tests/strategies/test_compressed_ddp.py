@@ -107,7 +107,8 @@ def test_bf16_mixed_precision():
     assert all(torch.isfinite(p).all() for p in ranks[0].params.values())
 
 
-@pytest.mark.parametrize("flag", ["ddp_powersgd", pytest.param("ddp_topk", marks=pytest.mark.slow)])
+@pytest.mark.slow  # default run: 2-rank resume with powersgd residuals (GradES-ddp_powersgd, matrix)
+@pytest.mark.parametrize("flag", ["ddp_powersgd", "ddp_topk"])
 def test_resume_is_bit_exact_with_per_rank_residuals(tmp_path, flag):
     straight, resumed = check_resume_equivalence(job(flag), total_epochs=3, split_epoch=1, tmp_dir=str(tmp_path),
                                                  world_size=2)
