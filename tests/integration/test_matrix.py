@@ -37,6 +37,7 @@ from lightning_optx import (
 )
 from lightning_optx.compatibility import CALLBACKS, COMPRESSED, LOCAL, STRATEGIES, TABLE, strategy_key
 from lightning_optx.functional import schedules as S
+from tests.callbacks.test_differential_privacy import DPModule
 from tests.helpers import RankResult, TrainJob, assert_tree_equal, run_distributed
 from tests.helpers.compare import tree_differences
 from tests.helpers.models import MultiTaskModule, TinyModule
@@ -92,20 +93,6 @@ DEFAULT_SUPPORTED = {
 
 
 # ------------------------------------------------------------------------------------------ the pieces
-
-
-class DPModule(TinyModule):
-    """Plain SGD and a loss that is 0, not NaN, on an empty Poisson batch (Opacus-compatible: Linear + tanh)."""
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
-        per_sample = ((self(x).float() - y) ** 2).mean(dim=1)
-        loss = per_sample.mean() if len(per_sample) else per_sample.sum()
-        self.log("train_loss", loss, on_step=True, on_epoch=False, batch_size=max(len(per_sample), 1))
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 
 
 def make_callback(name: str) -> Callback:
